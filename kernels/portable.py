@@ -1,0 +1,177 @@
+"""Portable sparse topo-pack attention in plain PyTorch: any device, autograd, no L x L.
+
+Each query kind attends to a few key groups (topopack.rules.key_groups):
+- pack-local groups (its pack's patches, its pack's summary, its slide's global)
+  are gathered per pack into [P, k*k + 2] key sets and run as a batched attention;
+- slide-wide groups (all summaries, or the whole slide for the global row) run as
+  dense attention per slide, in row chunks that are recomputed in backward.
+Pieces of one row are merged exactly through their log-sum-exp.
+Memory is O(L * k^2) plus one chunk of the summary x summary block.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from topopack.layout import TopoLayout
+from topopack.rules import GLOBAL, PATCH, SUMMARY, KeyGroup, TopoRules, key_groups
+
+# score elements per dense chunk (B * H * rows * keys); bounds the chunk's memory
+CHUNK_SCORES = 1 << 25
+LOCAL = (KeyGroup.PACK_PATCHES, KeyGroup.PACK_SUMMARY, KeyGroup.SLIDE_GLOBAL)
+
+
+def attend(q, k, v, mask=None):
+    """Softmax attention of pre-scaled q on k, v; returns (out, lse). mask broadcasts to scores.
+
+    Every row must have at least one key (every topo-pack row sees its global token).
+    """
+    scores = q @ k.transpose(-1, -2)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    m = scores.amax(-1, keepdim=True).detach()  # out and lse do not depend on the shift
+    e = torch.exp(scores - m)
+    s = e.sum(-1, keepdim=True)
+    return (e @ v) / s, (m + torch.log(s))[..., 0]
+
+
+def merge(pieces):
+    """Exact merge of attention pieces over disjoint key sets: [(out, lse), ...] -> out."""
+    if len(pieces) == 1:
+        return pieces[0][0]
+    lse = torch.logsumexp(torch.stack([l for _, l in pieces]), dim=0)
+    return sum(o * torch.exp(l - lse)[..., None] for o, l in pieces)
+
+
+def _row_chunk(q, k) -> int:
+    return max(1, CHUNK_SCORES // max(1, q.shape[0] * q.shape[1] * k.shape[-2]))
+
+
+class _DenseAttention(torch.autograd.Function):
+    """Dense attention returning (out, lse) with O(chunk * keys) memory.
+
+    Forward uses PyTorch's fused flash kernel on the CPU (it returns the lse) and
+    chunked attend() elsewhere; backward recomputes each row chunk under autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.save_for_backward(q, k, v)
+        if q.device.type == "cpu":
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=1.0)
+        step = _row_chunk(q, k)
+        pieces = [attend(q[..., r:r + step, :], k, v) for r in range(0, q.shape[-2], step)]
+        return torch.cat([o for o, _ in pieces], -2), torch.cat([l for _, l in pieces], -1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_lse):
+        q, k, v = ctx.saved_tensors
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        step = _row_chunk(q, k)
+        for r in range(0, q.shape[-2], step):
+            with torch.enable_grad():
+                qc, kc, vc = (t.detach().requires_grad_() for t in (q[..., r:r + step, :], k, v))
+                o, l = attend(qc, kc, vc)
+                grads = torch.autograd.grad(
+                    (o, l), (qc, kc, vc),
+                    (torch.zeros_like(o) if d_out is None else d_out[..., r:r + step, :],
+                     torch.zeros_like(l) if d_lse is None else d_lse[..., r:r + step]))
+            dq[..., r:r + step, :] = grads[0]
+            dk += grads[1]
+            dv += grads[2]
+        return dq, dk, dv
+
+
+def _local_keys(k, v, layout: TopoLayout, slots):
+    """Per pack: its patches' keys, then its summary, then its slide's global -> [B, H, P, k*k+2, D]."""
+    b, h, _, d = k.shape
+    p, k2 = slots.shape
+    idx = torch.cat([slots.clamp_min(0), layout.pack_summary_token[:, None],
+                     layout.slide_global_token[layout.pack_slide][:, None]], 1).reshape(-1)
+    kl = k.index_select(2, idx).view(b, h, p, k2 + 2, k.shape[-1])
+    vl = v.index_select(2, idx).view(b, h, p, k2 + 2, v.shape[-1])
+    return kl, vl
+
+
+def _local_mask(groups, valid_slots):
+    """[P, k*k+2] which local keys a row kind sees, from its key groups."""
+    col = lambda on: torch.full((valid_slots.shape[0], 1), on, device=valid_slots.device)
+    patches = valid_slots & (KeyGroup.PACK_PATCHES in groups)
+    # a summary that sees every summary of its slide sees itself there, not here
+    summary = KeyGroup.PACK_SUMMARY in groups and KeyGroup.SLIDE_SUMMARIES not in groups
+    return torch.cat([patches, col(summary), col(KeyGroup.SLIDE_GLOBAL in groups)], 1)
+
+
+def _check_supported(groups):
+    supported = {
+        PATCH: set(LOCAL),
+        SUMMARY: set(LOCAL) | {KeyGroup.SLIDE_SUMMARIES},
+        GLOBAL: {KeyGroup.SLIDE_GLOBAL, KeyGroup.SLIDE_ALL},
+    }
+    for kind, gs in groups.items():
+        extra = set(gs) - supported[kind]
+        if extra:
+            raise NotImplementedError(f"portable backend: token kind {kind} cannot attend to {sorted(g.name for g in extra)}")
+
+
+def portable_attention(q, k, v, layout: TopoLayout, rules: TopoRules, scale: float | None = None):
+    """Topo-pack attention, q, k, v: [B, H, L, D] in token order -> [B, H, L, Dv]."""
+    groups = key_groups(rules)
+    _check_supported(groups)
+    b, h, n_tok, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    q = q * scale
+    slots = layout.pack_slots()  # [P, K2]
+    valid = slots >= 0
+    p, k2 = slots.shape
+    kl, vl = _local_keys(k, v, layout, slots)  # [B, H, P, K2+2, D]
+    full = _single_full_slide(layout)
+
+    # patch rows: everything they see is pack-local
+    qp = q[..., 1 + p:, :] if full else q.index_select(2, slots.clamp_min(0).reshape(-1))
+    mask = _local_mask(groups[PATCH], valid)[:, None, :]  # [P, 1, K2+2]
+    op, _ = attend(qp.view(b, h, p, k2, d), kl, vl, mask)  # [B, H, P, K2, Dv]
+
+    # summary rows: pack-local keys, plus every summary of the slide
+    qs = q.index_select(2, layout.pack_summary_token)  # [B, H, P, D]
+    ol, ll = attend(qs[..., None, :], kl, vl, _local_mask(groups[SUMMARY], valid)[:, None, :])
+    pieces = [(ol[..., 0, :], ll[..., 0])]
+    if KeyGroup.SLIDE_SUMMARIES in groups[SUMMARY]:
+        ks, vs = k.index_select(2, layout.pack_summary_token), v.index_select(2, layout.pack_summary_token)
+        per_slide = [_DenseAttention.apply(qs[..., a:a + n, :], ks[..., a:a + n, :], vs[..., a:a + n, :])
+                     for a, n in _slide_pack_ranges(layout)]
+        pieces.append((torch.cat([o for o, _ in per_slide], -2), torch.cat([l for _, l in per_slide], -1)))
+    os_ = merge(pieces)
+
+    # global rows
+    if KeyGroup.SLIDE_ALL in groups[GLOBAL]:
+        og = torch.cat([attend(q[..., t0:t0 + 1, :], k[..., t0:t0 + n, :], v[..., t0:t0 + n, :])[0]
+                        for t0, _, n in layout.slide_sizes()], -2)
+    else:  # the global token sees only itself
+        og = v.index_select(2, layout.slide_global_token)
+
+    # [globals, summaries, pack slots] -> token order
+    out = torch.cat([og, os_, op.reshape(b, h, p * k2, -1)], 2)
+    return out if full else out.index_select(2, _token_source(layout))
+
+
+def _single_full_slide(layout: TopoLayout) -> bool:
+    """One slide whose packs all hold k*k patches: token order is already [G, S..., slots...]."""
+    return layout.num_slides == 1 and bool((layout.pack_patch_count == layout.pack_size ** 2).all())
+
+
+def _token_source(layout: TopoLayout) -> torch.Tensor:
+    """For each token, its row in the concatenation [globals (S), summaries (P), pack slots (P*k*k)]."""
+    s, p, k2 = layout.num_slides, layout.num_packs, layout.pack_size ** 2
+    kind, pack = layout.token_kind, layout.token_pack.clamp_min(0)
+    t = torch.arange(layout.num_tokens, device=layout.device)
+    slot = t - layout.pack_patch_start[pack]
+    return torch.where(kind == GLOBAL, layout.token_slide,
+                       torch.where(kind == SUMMARY, s + pack, s + p + pack * k2 + slot))
+
+
+def _slide_pack_ranges(layout: TopoLayout):
+    starts = layout.slide_pack_start.tolist()
+    return [(starts[s], starts[s + 1] - starts[s]) for s in range(layout.num_slides)]

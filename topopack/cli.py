@@ -1,0 +1,35 @@
+"""The `topopack` console script: one subcommand per module, imported on demand."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module with add_arguments(parser) and main(args), one-line help)
+COMMANDS = {
+    "demo": ("topopack.demo", "run the main job on synthetic slides"),
+    "synth": ("topopack.synth", "write synthetic slides in the TRIDENT h5 format"),
+    "pretrain": ("topopack.model.pretrain", "pretrain the slide encoder (MAE or MoCo)"),
+    "finetune": ("topopack.model.finetune", "train the connector and LoRA LLM (connector or vqa stage)"),
+    "eval": ("topopack.model.evaluate", "score a fine-tuned model on held-out VQA"),
+    "ask": ("topopack.model.ask", "answer a question about a slide"),
+}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="topopack", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_) in COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv or ["--help"])  # prints help or the error
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    cmd = argparse.ArgumentParser(prog=f"topopack {argv[0]}", description=COMMANDS[argv[0]][1])
+    module.add_arguments(cmd)
+    return int(module.main(cmd.parse_args(argv[1:])) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
