@@ -90,8 +90,8 @@ def _local_keys(k, v, layout: TopoLayout, slots):
     p, k2 = slots.shape
     idx = torch.cat([slots.clamp_min(0), layout.pack_summary_token[:, None],
                      layout.slide_global_token[layout.pack_slide][:, None]], 1).reshape(-1)
-    kl = k.index_select(2, idx).view(b, h, p, k2 + 2, k.shape[-1])
-    vl = v.index_select(2, idx).view(b, h, p, k2 + 2, v.shape[-1])
+    kl = k[:, :, idx].reshape(b, h, p, k2 + 2, k.shape[-1])
+    vl = v[:, :, idx].reshape(b, h, p, k2 + 2, v.shape[-1])
     return kl, vl
 
 
@@ -122,7 +122,7 @@ def portable_attention(q, k, v, layout: TopoLayout, rules: TopoRules, scale: flo
     _check_supported(groups)
     b, h, n_tok, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    q = q * scale
+    q = q * scale  # [B, H, L, D]; gathers below use advanced indexing, faster than index_select here
     slots = layout.pack_slots()  # [P, K2]
     valid = slots >= 0
     p, k2 = slots.shape
@@ -130,16 +130,16 @@ def portable_attention(q, k, v, layout: TopoLayout, rules: TopoRules, scale: flo
     full = _single_full_slide(layout)
 
     # patch rows: everything they see is pack-local
-    qp = q[..., 1 + p:, :] if full else q.index_select(2, slots.clamp_min(0).reshape(-1))
+    qp = q[..., 1 + p:, :] if full else q[:, :, slots.clamp_min(0).reshape(-1)]
     mask = _local_mask(groups[PATCH], valid)[:, None, :]  # [P, 1, K2+2]
-    op, _ = attend(qp.view(b, h, p, k2, d), kl, vl, mask)  # [B, H, P, K2, Dv]
+    op, _ = attend(qp.reshape(b, h, p, k2, d), kl, vl, mask)  # [B, H, P, K2, Dv]
 
     # summary rows: pack-local keys, plus every summary of the slide
-    qs = q.index_select(2, layout.pack_summary_token)  # [B, H, P, D]
+    qs = q[:, :, layout.pack_summary_token]  # [B, H, P, D]
     ol, ll = attend(qs[..., None, :], kl, vl, _local_mask(groups[SUMMARY], valid)[:, None, :])
     pieces = [(ol[..., 0, :], ll[..., 0])]
     if KeyGroup.SLIDE_SUMMARIES in groups[SUMMARY]:
-        ks, vs = k.index_select(2, layout.pack_summary_token), v.index_select(2, layout.pack_summary_token)
+        ks, vs = k[:, :, layout.pack_summary_token], v[:, :, layout.pack_summary_token]
         per_slide = [_DenseAttention.apply(qs[..., a:a + n, :], ks[..., a:a + n, :], vs[..., a:a + n, :])
                      for a, n in _slide_pack_ranges(layout)]
         pieces.append((torch.cat([o for o, _ in per_slide], -2), torch.cat([l for _, l in per_slide], -1)))
@@ -150,11 +150,11 @@ def portable_attention(q, k, v, layout: TopoLayout, rules: TopoRules, scale: flo
         og = torch.cat([attend(q[..., t0:t0 + 1, :], k[..., t0:t0 + n, :], v[..., t0:t0 + n, :])[0]
                         for t0, _, n in layout.slide_sizes()], -2)
     else:  # the global token sees only itself
-        og = v.index_select(2, layout.slide_global_token)
+        og = v[:, :, layout.slide_global_token]
 
     # [globals, summaries, pack slots] -> token order
     out = torch.cat([og, os_, op.reshape(b, h, p * k2, -1)], 2)
-    return out if full else out.index_select(2, _token_source(layout))
+    return out if full else out[:, :, _token_source(layout)]
 
 
 def _single_full_slide(layout: TopoLayout) -> bool:
