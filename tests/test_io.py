@@ -1,0 +1,185 @@
+"""topopack.io: round trips, TRIDENT/CLAM attribute variants, one error per bad-file case."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from topopack import TopoLayout
+from topopack.io import Slide, SlideError, find_slides, load_slide, load_slides, save_slide
+
+
+def random_slide(rng, n=None, c=8, ps=224):
+    """Random ragged grid of unique cells, features, labels, facts."""
+    h, w = rng.integers(3, 12, 2)
+    n = n or int(rng.integers(1, h * w + 1))
+    cells = rng.choice(h * w, n, replace=False)
+    origin = rng.integers(0, 10_000, 2)
+    coords = np.stack([origin[0] + (cells % w) * ps, origin[1] + (cells // w) * ps], 1)
+    return dict(features=rng.normal(size=(n, c)).astype(np.float32), coords=coords, patch_size=ps,
+                labels=rng.integers(0, 5, n), facts={"has_tumor": bool(rng.random() < 0.5), "n": int(n)})
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".pt"])
+@pytest.mark.parametrize("seed", range(3))
+def test_round_trip(tmp_path, suffix, seed):
+    rng = np.random.default_rng(seed)
+    s = random_slide(rng)
+    glob_f = rng.normal(size=8).astype(np.float32)
+    path = save_slide(tmp_path / f"s{suffix}", s["features"], s["coords"], s["patch_size"], labels=s["labels"],
+                      facts=s["facts"], global_features=glob_f)
+    slide = load_slide(path)
+    assert isinstance(slide, Slide) and slide.path == str(path)
+    assert slide.features.dtype == torch.float32 and slide.coords.dtype == torch.int64
+    np.testing.assert_array_equal(slide.features.numpy(), s["features"])
+    np.testing.assert_array_equal(slide.coords.numpy(), s["coords"])
+    np.testing.assert_array_equal(slide.labels.numpy(), s["labels"])
+    np.testing.assert_array_equal(slide.global_features.numpy(), glob_f)
+    assert slide.patch_size == s["patch_size"] and slide.facts == s["facts"]
+    assert slide.in_dim == 8 and slide.num_patches == len(s["coords"])
+    ref = TopoLayout.from_coords(torch.as_tensor(s["coords"]), s["patch_size"], 2)
+    lay = slide.layout(pack_size=2)
+    assert torch.equal(lay.patch_token, ref.patch_token) and torch.equal(lay.pack_cell, ref.pack_cell)
+
+
+def write_h5(path, features, coords, coord_attrs=None, file_attrs=None, **datasets):
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=features)
+        f.create_dataset("coords", data=coords)
+        for k, v in (coord_attrs or {}).items():
+            f["coords"].attrs[k] = v
+        for k, v in (file_attrs or {}).items():
+            f.attrs[k] = v
+        for k, v in datasets.items():
+            f.create_dataset(k, data=v)
+    return path
+
+
+@pytest.mark.parametrize("attrs,where,expect", [
+    ({"patch_size_level0": 512, "patch_size": 256}, "coords", 512),  # TRIDENT (20x from 40x)
+    ({"patch_size": 256, "downsample": [2.0, 2.0], "patch_level": 1}, "coords", 512),  # CLAM
+    ({"patch_size": 256, "downsample": 4.0}, "file", 1024),
+    ({"patch_size": 256, "patch_level": 0}, "file", 256),
+])
+def test_attribute_variants(tmp_path, attrs, where, expect):
+    rng = np.random.default_rng(0)
+    coords = np.stack([np.arange(6) * expect + 7, np.zeros(6, int)], 1)
+    kw = {"coord_attrs": attrs} if where == "coords" else {"file_attrs": attrs}
+    path = write_h5(tmp_path / "t.h5", rng.normal(size=(6, 4)), coords, **kw)
+    assert load_slide(path).patch_size == expect
+    assert load_slide(path).layout(3).num_packs == 2
+
+
+def test_pt_dict_with_clam_keys(tmp_path):
+    coords = torch.tensor([[0, 0], [512, 0], [0, 512]])
+    torch.save({"features": torch.randn(3, 5), "coords": coords, "patch_size": 256, "downsample": 2}, tmp_path / "a.pt")
+    assert load_slide(tmp_path / "a.pt").patch_size == 512
+
+
+def test_summary_features_checked_against_packs(tmp_path):
+    rng = np.random.default_rng(1)
+    coords = np.stack([np.arange(9) * 100, np.zeros(9, int)], 1)  # 1 x 9 grid: 3 packs at k=3
+    path = save_slide(tmp_path / "s.h5", rng.normal(size=(9, 4)), coords, 100, summary_features=rng.normal(size=(3, 4)))
+    slide = load_slide(path)
+    assert slide.layout(3).num_packs == 3
+    with pytest.raises(SlideError, match=r"s\.h5.*summary_features has 3 rows.*5 packs"):
+        slide.layout(2)
+
+
+GOOD_COORDS = np.array([[0, 0], [256, 0], [0, 256], [512, 512]])
+
+
+def bad_cases(tmp_path):
+    """(file, expected message regex) for each bad-file case."""
+    f4 = np.ones((4, 3), np.float32)
+    attrs = {"patch_size_level0": 256}
+    nan = f4.copy()
+    nan[2, 1] = np.nan
+    inf_c = GOOD_COORDS.astype(float)
+    inf_c[1, 0] = np.inf
+    cases = {
+        "missing_coords.h5": (lambda p: h5py.File(p, "w").create_dataset("features", data=f4).file.close(),
+                              r"missing dataset.*'coords'"),
+        "nan.h5": (lambda p: write_h5(p, nan, GOOD_COORDS, attrs), r"'features' contains NaN or inf"),
+        "inf_coords.h5": (lambda p: write_h5(p, f4, inf_c, attrs), r"'coords' contains NaN or inf"),
+        "off_grid.h5": (lambda p: write_h5(p, f4, GOOD_COORDS + [[0, 0], [0, 0], [3, 0], [0, 0]], attrs),
+                        r"not on the patch grid"),
+        "duplicate.h5": (lambda p: write_h5(p, f4, GOOD_COORDS[[0, 1, 1, 3]], attrs), r"duplicate coords"),
+        "empty.h5": (lambda p: write_h5(p, np.zeros((0, 3)), np.zeros((0, 2)), attrs), r"zero patches"),
+        "mismatch.h5": (lambda p: write_h5(p, np.ones((5, 3)), GOOD_COORDS, attrs), r"mismatched lengths: 5 features but 4"),
+        "wrong_dims.h5": (lambda p: write_h5(p, np.ones((4, 3, 2)), GOOD_COORDS, attrs), r"'features' must be 2-D"),
+        "coords_dims.h5": (lambda p: write_h5(p, f4, np.ones((4, 3)), attrs), r"'coords' must have shape \[N, 2\]"),
+        "no_patch_size.h5": (lambda p: write_h5(p, f4, GOOD_COORDS), r"missing the patch size"),
+        "bad_labels.h5": (lambda p: write_h5(p, f4, GOOD_COORDS, attrs, labels=np.array([0, 1, -1, 2])),
+                          r"'labels' must be non-negative integers"),
+        "bad_facts.h5": (lambda p: write_h5(p, f4, GOOD_COORDS, attrs, file_attrs={"facts": "{not json"}),
+                         r"'facts' is not valid JSON"),
+        "corrupt.h5": (lambda p: p.write_bytes(b"this is not an hdf5 file"), r"unreadable file"),
+        "corrupt.pt": (lambda p: p.write_bytes(b"garbage"), r"unreadable file"),
+        "list.pt": (lambda p: torch.save([1, 2], p), r"must hold a dict"),
+    }
+    out = []
+    for name, (make, pattern) in cases.items():
+        path = tmp_path / name
+        make(path)
+        out.append((path, pattern))
+    return out
+
+
+def test_each_bad_file_names_file_and_problem(tmp_path):
+    for path, pattern in bad_cases(tmp_path):
+        with pytest.raises(SlideError) as info:
+            load_slide(path)
+        msg = str(info.value)
+        assert msg.startswith(str(path)), msg
+        assert __import__("re").search(pattern, msg), (pattern, msg)
+
+
+def test_load_slides_reports_all_bad_files(tmp_path):
+    bad = bad_cases(tmp_path)
+    rng = np.random.default_rng(3)
+    s = random_slide(rng)
+    save_slide(tmp_path / "good.h5", s["features"], s["coords"], s["patch_size"])
+    with pytest.raises(SlideError) as info:
+        load_slides(tmp_path)
+    msg = str(info.value)
+    assert f"{len(bad)} bad slide file(s)" in msg
+    for path, _ in bad:
+        assert str(path) in msg
+    assert "good.h5" not in msg
+    (tmp_path / "only").mkdir()
+    save_slide(tmp_path / "only" / "b.h5", s["features"], s["coords"], s["patch_size"])
+    save_slide(tmp_path / "only" / "a.pt", s["features"], s["coords"], s["patch_size"])
+    assert [p.name for p in find_slides(tmp_path / "only")] == ["a.pt", "b.h5"]
+    assert len(load_slides(tmp_path / "only")) == 2
+
+
+def test_find_slides_errors(tmp_path):
+    with pytest.raises(SlideError, match="no slide files"):
+        find_slides(tmp_path)
+    with pytest.raises(SlideError, match="not a directory"):
+        find_slides(tmp_path / "nope")
+    with pytest.raises(SlideError, match="unsupported file type"):
+        load_slide(tmp_path / "x.csv")
+
+
+def test_facts_json_attribute(tmp_path):
+    facts = {"has_tumor": True, "nodules": [{"center": [1.5, 2.0], "size": "small"}]}
+    path = save_slide(tmp_path / "f.h5", np.ones((2, 2)), [[0, 0], [10, 0]], 10, facts=facts)
+    with h5py.File(path) as f:
+        assert json.loads(f.attrs["facts"]) == facts
+    assert load_slide(path).facts == facts
+
+
+def test_layout_cache_and_origin(tmp_path):
+    rng = np.random.default_rng(7)
+    s = random_slide(rng, ps=100)
+    slide = load_slide(save_slide(tmp_path / "c.h5", s["features"], s["coords"], 100))
+    assert slide.layout(3) is slide.layout(3) is slide.layout(3, origin=slide.origin)
+    shifted = (slide.origin[0] - 100, slide.origin[1] - 200)
+    lay = slide.layout(3, origin=shifted)
+    ref = TopoLayout.from_coords(torch.as_tensor(s["coords"]), 100, 3, origin=shifted)
+    assert torch.equal(lay.pack_cell, ref.pack_cell) and torch.equal(lay.patch_token, ref.patch_token)
+    with pytest.raises(SlideError, match=r"c\.h5: coords lie before the given origin"):
+        slide.layout(3, origin=(slide.origin[0] + 100, slide.origin[1]))
