@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collects nothing; that is not a failure of the suite.
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+	$(PY) -m pytest -q --benchmark-disable $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.attention --device cpu --quick

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.attention` (tables) and the pytest-benchmark suite."""
