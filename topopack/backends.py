@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 import torch
 
@@ -35,7 +36,7 @@ def get_backend(name: str | None, device: torch.device):
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {sorted(BACKENDS)}")
     module, fn = BACKENDS[name].split(":")
-    try:
-        return getattr(importlib.import_module(module), fn)
+    try:  # sys.modules first: torch.compile cannot trace importlib.import_module
+        return getattr(sys.modules.get(module) or importlib.import_module(module), fn)
     except ImportError as e:
         raise ImportError(f"backend {name!r} is not available: {e}") from e

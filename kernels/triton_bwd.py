@@ -1,0 +1,467 @@
+"""Backward Triton kernels of topo-pack attention and their launcher.
+
+Deterministic by construction: every gradient element is written by exactly one
+program, and the one key that every row sees (the slide's global token) is
+reduced in two stages (per-split partials, then a fixed-order sum). No atomics.
+
+With p = exp2(s - lse) (base-2 scores and the forward's base-2 LSE),
+delta = rowsum(dO * O) and ds = p * (dO.v - delta):
+dq = scale * sum ds k, dk = scale * sum ds q, dv = sum p dO.
+
+- ``_bwd_delta``: delta per token.
+- ``_patch_bwd``: per block of packs (as in the forward): dq of the patch rows,
+  and dk, dv of the patch keys, which are seen by the pack's patch rows
+  (block-diagonal tl.dot), the pack's summary row, and the global row when it sees
+  the whole slide (both gathered per key row).
+- ``_summary_bwd_dq``: dq of BLOCK_M summary rows, looping over the slide's
+  summary keys (tl.dot), the row's own patches and its global key.
+- ``_summary_bwd_dkv``: dk, dv of BLOCK_N summary keys, looping over the slide's
+  summary rows (tl.dot), plus the pack's patch rows and the global row when the
+  rules let them see a summary.
+- ``_global_bwd_split`` + ``_global_bwd_merge``: the global token's key column
+  (every row of the slide sees it) and its row; per-split partials, fixed-order sum.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from . import triton_meta as meta
+from .triton_fwd import _global_range, _strides
+
+
+@triton.jit(do_not_specialize=["L"])
+def _bwd_delta(O, DO, DELTA, sob, soh, sol, sod, sdb, sdh, sdl, sdd, H, L,
+               HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    t = pid * BLOCK + tl.arange(0, BLOCK)
+    dv = tl.arange(0, BLOCK_DV)
+    mask = (t < L)[:, None] & (dv < HEAD_DV)[None, :]
+    o = tl.load(O + off_b * sob + off_h * soh + t[:, None] * sol + dv[None, :] * sod, mask=mask, other=0.0)
+    do = tl.load(DO + off_b * sdb + off_h * sdh + t[:, None] * sdl + dv[None, :] * sdd, mask=mask, other=0.0)
+    tl.store(DELTA + pid_bh.to(tl.int64) * L + t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=t < L)
+
+
+@triton.jit
+def _row_key_ds(qf, dof, lse, delta, kf, vf, ok, qk_scale):
+    """One key per row, everything [M, *] fp32: (p, ds) of that key, 0 where not ok."""
+    p = tl.math.exp2(tl.where(ok, tl.sum(qf * kf, 1) * qk_scale - lse, float("-inf")))
+    return p, p * (tl.sum(dof * vf, 1) - delta)
+
+
+@triton.jit
+def _load_rows(X, tok, sl, sd, ok, HEAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows `tok` of one (b, h) slice of X as fp32 [M, BLOCK]; zeros where not ok."""
+    c = tl.arange(0, BLOCK)
+    return tl.load(X + tok[:, None] * sl + c[None, :] * sd, mask=ok[:, None] & (c < HEAD)[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.autotune(
+    configs=meta.configs(({"BLOCK_M": 32}, 4, 2), ({"BLOCK_M": 16}, 2, 2), ({"BLOCK_M": 64}, 4, 2)),
+    key=["K2", "HEAD_D", "HEAD_DV", "SIZE_BUCKET"],
+)
+@triton.jit(do_not_specialize=["P", "L", "SIZE_BUCKET"])
+def _patch_bwd(
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
+    pack_start, pack_count, pack_summary, pack_slide, slide_token_start,
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
+    H, L, P, qk_scale, sm_scale, SIZE_BUCKET,
+    K2: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    PATCH_SEES_PATCHES: tl.constexpr, PATCH_SEES_SUMMARY: tl.constexpr,
+    SUM_SEES_PATCHES: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    PACKS: tl.constexpr = BLOCK_M // K2
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    Q += off_b * sqb + off_h * sqh
+    K += off_b * skb + off_h * skh
+    V += off_b * svb + off_h * svh
+    DO += off_b * sdb + off_h * sdh
+    LSE += pid_bh.to(tl.int64) * L
+    DELTA += pid_bh.to(tl.int64) * L
+    DQ += pid_bh.to(tl.int64) * L * HEAD_D  # grads are contiguous [B, H, L, D]
+    DK += pid_bh.to(tl.int64) * L * HEAD_D
+    DV += pid_bh.to(tl.int64) * L * HEAD_DV
+
+    r = tl.arange(0, BLOCK_M)
+    pk = pid * PACKS + r // K2
+    row_ok = (r < PACKS * K2) & (pk < P)
+    pk = tl.where(row_ok, pk, 0)
+    cnt = tl.load(pack_count + pk, mask=row_ok, other=0)
+    row_ok = row_ok & ((r % K2) < cnt)
+    tok = tl.load(pack_start + pk, mask=row_ok, other=0) + r % K2
+    gtok = tl.load(slide_token_start + tl.load(pack_slide + pk, mask=row_ok, other=0), mask=row_ok, other=0)
+
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    qmask = row_ok[:, None] & (d < HEAD_D)[None, :]
+    vmask = row_ok[:, None] & (dv < HEAD_DV)[None, :]
+    q = tl.load(Q + tok[:, None] * sql + d[None, :] * sqd, mask=qmask, other=0.0)  # [BLOCK_M, D]
+    k = tl.load(K + tok[:, None] * skl + d[None, :] * skd, mask=qmask, other=0.0)  # [BLOCK_M, D]
+    v = tl.load(V + tok[:, None] * svl + dv[None, :] * svd, mask=vmask, other=0.0)  # [BLOCK_M, DV]
+    do = tl.load(DO + tok[:, None] * sdl + dv[None, :] * sdd, mask=vmask, other=0.0)  # [BLOCK_M, DV]
+    qf, kf, vf, dof = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32), do.to(tl.float32)
+    lse = tl.load(LSE + tok, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + tok, mask=row_ok, other=0.0)
+
+    # dq from the global key (its dk, dv are reduced by _global_bwd_*)
+    kg = _load_rows(K, gtok, skl, skd, row_ok, HEAD_D, BLOCK_D)
+    _, ds = _row_key_ds(qf, dof, lse, delta, kg, _load_rows(V, gtok, svl, svd, row_ok, HEAD_DV, BLOCK_DV),
+                        row_ok, qk_scale)
+    dq = ds[:, None] * kg  # [BLOCK_M, D]
+    dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dvv = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+
+    if PATCH_SEES_SUMMARY:  # dq from the pack's summary key (its dk, dv: _summary_bwd_dkv)
+        stok = tl.load(pack_summary + pk, mask=row_ok, other=0)
+        ks = _load_rows(K, stok, skl, skd, row_ok, HEAD_D, BLOCK_D)
+        _, ds = _row_key_ds(qf, dof, lse, delta, ks, _load_rows(V, stok, svl, svd, row_ok, HEAD_DV, BLOCK_DV),
+                            row_ok, qk_scale)
+        dq += ds[:, None] * ks
+
+    if PATCH_SEES_PATCHES:  # block-diagonal: rows and keys are the same patch tokens
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_M]
+        same_pack = (pk[:, None] == pk[None, :]) & row_ok[:, None] & row_ok[None, :]
+        p = tl.math.exp2(tl.where(same_pack, s - lse[:, None], float("-inf")))  # [BLOCK_M, BLOCK_M]
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # [BLOCK_M, BLOCK_M]
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
+        dvv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
+
+    if SUM_SEES_PATCHES:  # the pack's summary row sees these patch keys
+        stok = tl.load(pack_summary + pk, mask=row_ok, other=0)
+        qs = _load_rows(Q, stok, sql, sqd, row_ok, HEAD_D, BLOCK_D)
+        dos = _load_rows(DO, stok, sdl, sdd, row_ok, HEAD_DV, BLOCK_DV)
+        lse_s = tl.load(LSE + stok, mask=row_ok, other=0.0)
+        delta_s = tl.load(DELTA + stok, mask=row_ok, other=0.0)
+        p, ds = _row_key_ds(qs, dos, lse_s, delta_s, kf, vf, row_ok, qk_scale)
+        dk += ds[:, None] * qs
+        dvv += p[:, None] * dos
+
+    if GLOBAL_SEES_ALL:  # the slide's global row sees these patch keys
+        qg = _load_rows(Q, gtok, sql, sqd, row_ok, HEAD_D, BLOCK_D)
+        dog = _load_rows(DO, gtok, sdl, sdd, row_ok, HEAD_DV, BLOCK_DV)
+        lse_g = tl.load(LSE + gtok, mask=row_ok, other=0.0)
+        delta_g = tl.load(DELTA + gtok, mask=row_ok, other=0.0)
+        p, ds = _row_key_ds(qg, dog, lse_g, delta_g, kf, vf, row_ok, qk_scale)
+        dk += ds[:, None] * qg
+        dvv += p[:, None] * dog
+
+    tl.store(DQ + tok[:, None] * HEAD_D + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=qmask)
+    tl.store(DK + tok[:, None] * HEAD_D + d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=qmask)
+    tl.store(DV + tok[:, None] * HEAD_DV + dv[None, :], dvv.to(DV.dtype.element_ty), mask=vmask)
+
+
+@triton.jit
+def _summary_block(pack_slide, slide_pack_start, first, P, BLOCK: tl.constexpr):
+    """Packs first .. first+BLOCK-1 (clamped), their slides, and the pack range of those slides."""
+    rp = first + tl.arange(0, BLOCK)
+    ok = rp < P
+    rp = tl.where(ok, rp, P - 1)
+    slide = tl.load(pack_slide + rp)
+    lo = tl.load(slide_pack_start + tl.load(pack_slide + first))
+    hi = tl.load(slide_pack_start + tl.load(pack_slide + tl.minimum(first + BLOCK, P) - 1) + 1)
+    return rp, ok, slide, lo, hi
+
+
+@triton.autotune(
+    configs=meta.configs(({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2), ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 2),
+                         ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 3), interpret={"BLOCK_M": 32, "BLOCK_N": 32}),
+    key=["K2", "HEAD_D", "HEAD_DV", "SIZE_BUCKET"],
+)
+@triton.jit(do_not_specialize=["P", "L", "SIZE_BUCKET"])
+def _summary_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    pack_start, pack_count, pack_summary, pack_slide, slide_token_start, slide_pack_start,
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
+    H, L, P, qk_scale, sm_scale, SIZE_BUCKET,
+    K2: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUM_SEES_PATCHES: tl.constexpr, SUM_SEES_SUMMARIES: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    Q += off_b * sqb + off_h * sqh
+    DQ += pid_bh.to(tl.int64) * L * HEAD_D
+    K += off_b * skb + off_h * skh
+    V += off_b * svb + off_h * svh
+    DO += off_b * sdb + off_h * sdh
+    LSE += pid_bh.to(tl.int64) * L
+    DELTA += pid_bh.to(tl.int64) * L
+
+    rp, row_ok, slide, lo, hi = _summary_block(pack_slide, slide_pack_start, pid * BLOCK_M, P, BLOCK_M)
+    tok = tl.load(pack_summary + rp)
+    gtok = tl.load(slide_token_start + slide)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    qmask = row_ok[:, None] & (d < HEAD_D)[None, :]
+    vmask = row_ok[:, None] & (dv < HEAD_DV)[None, :]
+    q = tl.load(Q + tok[:, None] * sql + d[None, :] * sqd, mask=qmask, other=0.0)  # [BLOCK_M, D]
+    do = tl.load(DO + tok[:, None] * sdl + dv[None, :] * sdd, mask=vmask, other=0.0)  # [BLOCK_M, DV]
+    qf, dof = q.to(tl.float32), do.to(tl.float32)
+    lse = tl.load(LSE + tok, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + tok, mask=row_ok, other=0.0)
+
+    kg = _load_rows(K, gtok, skl, skd, row_ok, HEAD_D, BLOCK_D)
+    _, ds = _row_key_ds(qf, dof, lse, delta, kg, _load_rows(V, gtok, svl, svd, row_ok, HEAD_DV, BLOCK_DV),
+                        row_ok, qk_scale)
+    dq = ds[:, None] * kg  # [BLOCK_M, D]
+
+    if SUM_SEES_PATCHES:
+        pstart = tl.load(pack_start + rp)
+        pcnt = tl.load(pack_count + rp)
+        for j in range(K2):  # not unrolled: keeps compile time down
+            ok = row_ok & (j < pcnt)
+            kj = _load_rows(K, pstart + j, skl, skd, ok, HEAD_D, BLOCK_D)
+            _, ds = _row_key_ds(qf, dof, lse, delta, kj, _load_rows(V, pstart + j, svl, svd, ok, HEAD_DV, BLOCK_DV),
+                                ok, qk_scale)
+            dq += ds[:, None] * kj
+
+    if SUM_SEES_SUMMARIES:
+        for n0 in range(lo, hi, BLOCK_N):
+            kp = n0 + tl.arange(0, BLOCK_N)
+            kok = kp < hi
+            kp = tl.where(kok, kp, P - 1)
+            ktok = tl.load(pack_summary + kp)
+            kslide = tl.load(pack_slide + kp)
+            k = tl.load(K + ktok[:, None] * skl + d[None, :] * skd, mask=kok[:, None] & (d < HEAD_D)[None, :],
+                        other=0.0)  # [BLOCK_N, D]
+            v = tl.load(V + ktok[:, None] * svl + dv[None, :] * svd, mask=kok[:, None] & (dv < HEAD_DV)[None, :],
+                        other=0.0)  # [BLOCK_N, DV]
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
+            allowed = (slide[:, None] == kslide[None, :]) & kok[None, :] & row_ok[:, None]
+            p_tile = tl.math.exp2(tl.where(allowed, s - lse[:, None], float("-inf")))  # [BLOCK_M, BLOCK_N]
+            dp_tile = tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds_tile = p_tile * (dp_tile - delta[:, None])
+            dq += tl.dot(ds_tile.to(k.dtype), k, input_precision=PREC)
+
+    tl.store(DQ + tok[:, None] * HEAD_D + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=qmask)
+
+
+@triton.autotune(
+    configs=meta.configs(({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2), ({"BLOCK_M": 64, "BLOCK_N": 128}, 8, 2),
+                         ({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 3), interpret={"BLOCK_M": 32, "BLOCK_N": 32}),
+    key=["K2", "HEAD_D", "HEAD_DV", "SIZE_BUCKET"],
+)
+@triton.jit(do_not_specialize=["P", "L", "SIZE_BUCKET"])
+def _summary_bwd_dkv(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    pack_start, pack_count, pack_summary, pack_slide, slide_token_start, slide_pack_start,
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
+    H, L, P, qk_scale, sm_scale, SIZE_BUCKET,
+    K2: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUM_SEES_SUMMARIES: tl.constexpr, PATCH_SEES_SUMMARY: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    Q += off_b * sqb + off_h * sqh
+    K += off_b * skb + off_h * skh
+    DK += pid_bh.to(tl.int64) * L * HEAD_D
+    V += off_b * svb + off_h * svh
+    DV += pid_bh.to(tl.int64) * L * HEAD_DV
+    DO += off_b * sdb + off_h * sdh
+    LSE += pid_bh.to(tl.int64) * L
+    DELTA += pid_bh.to(tl.int64) * L
+
+    # key rows: the summaries of packs pid * BLOCK_N ...
+    kp, key_ok, kslide, lo, hi = _summary_block(pack_slide, slide_pack_start, pid * BLOCK_N, P, BLOCK_N)
+    ktok = tl.load(pack_summary + kp)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    kmask = key_ok[:, None] & (d < HEAD_D)[None, :]
+    vmask = key_ok[:, None] & (dv < HEAD_DV)[None, :]
+    k = tl.load(K + ktok[:, None] * skl + d[None, :] * skd, mask=kmask, other=0.0)  # [BLOCK_N, D]
+    v = tl.load(V + ktok[:, None] * svl + dv[None, :] * svd, mask=vmask, other=0.0)  # [BLOCK_N, DV]
+    kf, vf = k.to(tl.float32), v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dvv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+
+    if SUM_SEES_SUMMARIES:  # every summary row of the key's slide
+        for m0 in range(lo, hi, BLOCK_M):
+            rp = m0 + tl.arange(0, BLOCK_M)
+            rok = rp < hi
+            rp = tl.where(rok, rp, P - 1)
+            qtok = tl.load(pack_summary + rp)
+            qslide = tl.load(pack_slide + rp)
+            q = tl.load(Q + qtok[:, None] * sql + d[None, :] * sqd, mask=rok[:, None] & (d < HEAD_D)[None, :],
+                        other=0.0)  # [BLOCK_M, D]
+            do = tl.load(DO + qtok[:, None] * sdl + dv[None, :] * sdd, mask=rok[:, None] & (dv < HEAD_DV)[None, :],
+                         other=0.0)  # [BLOCK_M, DV]
+            lse = tl.load(LSE + qtok, mask=rok, other=0.0)
+            delta = tl.load(DELTA + qtok, mask=rok, other=0.0)
+            s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
+            allowed = (kslide[:, None] == qslide[None, :]) & rok[None, :] & key_ok[:, None]
+            p_t = tl.math.exp2(tl.where(allowed, s_t - lse[None, :], float("-inf")))
+            dvv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
+
+    if PATCH_SEES_SUMMARY:  # the pack's patch rows, one slot at a time
+        pstart = tl.load(pack_start + kp)
+        pcnt = tl.load(pack_count + kp)
+        for j in range(K2):  # not unrolled: keeps compile time down
+            ok = key_ok & (j < pcnt)
+            qt = pstart + j
+            qj = _load_rows(Q, qt, sql, sqd, ok, HEAD_D, BLOCK_D)
+            doj = _load_rows(DO, qt, sdl, sdd, ok, HEAD_DV, BLOCK_DV)
+            p, ds = _row_key_ds(qj, doj, tl.load(LSE + qt, mask=ok, other=0.0), tl.load(DELTA + qt, mask=ok, other=0.0),
+                                kf, vf, ok, qk_scale)
+            dk += ds[:, None] * qj
+            dvv += p[:, None] * doj
+
+    if GLOBAL_SEES_ALL:  # the slide's global row
+        gtok = tl.load(slide_token_start + kslide)
+        qg = _load_rows(Q, gtok, sql, sqd, key_ok, HEAD_D, BLOCK_D)
+        dog = _load_rows(DO, gtok, sdl, sdd, key_ok, HEAD_DV, BLOCK_DV)
+        p, ds = _row_key_ds(qg, dog, tl.load(LSE + gtok, mask=key_ok, other=0.0),
+                            tl.load(DELTA + gtok, mask=key_ok, other=0.0), kf, vf, key_ok, qk_scale)
+        dk += ds[:, None] * qg
+        dvv += p[:, None] * dog
+
+    tl.store(DK + ktok[:, None] * HEAD_D + d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV + ktok[:, None] * HEAD_DV + dv[None, :], dvv.to(DV.dtype.element_ty), mask=vmask)
+
+
+@triton.autotune(
+    configs=meta.configs(({"BLOCK_N": 64}, 4, 2), ({"BLOCK_N": 32}, 4, 2)),
+    key=["HEAD_D", "HEAD_DV", "NSPLIT"],
+)
+@triton.jit(do_not_specialize=["S", "L"])
+def _global_bwd_split(
+    Q, K, V, DO, LSE, DELTA, DQ_PART, DK_PART, DV_PART, slide_token_start,
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
+    H, S, L, qk_scale,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr,
+):
+    """Split `split` of slide s: its rows' grads on the global key, and the global row's dq on its keys."""
+    split = tl.program_id(0)
+    s = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    Q += off_b * sqb + off_h * sqh
+    K += off_b * skb + off_h * skh
+    V += off_b * svb + off_h * svh
+    DO += off_b * sdb + off_h * sdh
+    LSE += pid_bh.to(tl.int64) * L
+    DELTA += pid_bh.to(tl.int64) * L
+    # every token of the slide is a row that sees the global key
+    g, lo, hi = _global_range(slide_token_start, s, split, NSPLIT, True)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    qg = tl.load(Q + g * sql + d * sqd, mask=d < HEAD_D, other=0.0).to(tl.float32)  # [D]
+    kg = tl.load(K + g * skl + d * skd, mask=d < HEAD_D, other=0.0).to(tl.float32)
+    vg = tl.load(V + g * svl + dv * svd, mask=dv < HEAD_DV, other=0.0).to(tl.float32)  # [DV]
+    dog = tl.load(DO + g * sdl + dv * sdd, mask=dv < HEAD_DV, other=0.0).to(tl.float32)
+    lse_g = tl.load(LSE + g)
+    delta_g = tl.load(DELTA + g)
+
+    dq = tl.zeros([BLOCK_D], tl.float32)
+    dk = tl.zeros([BLOCK_D], tl.float32)
+    dvv = tl.zeros([BLOCK_DV], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        t = n0 + tl.arange(0, BLOCK_N)
+        ok = t < hi
+        # column: rows t on key g
+        qt = _load_rows(Q, t, sql, sqd, ok, HEAD_D, BLOCK_D)
+        dot_ = _load_rows(DO, t, sdl, sdd, ok, HEAD_DV, BLOCK_DV)
+        lse = tl.load(LSE + t, mask=ok, other=0.0)
+        delta = tl.load(DELTA + t, mask=ok, other=0.0)
+        p = tl.math.exp2(tl.where(ok, tl.sum(qt * kg[None, :], 1) * qk_scale - lse, float("-inf")))  # [BLOCK_N]
+        ds = p * (tl.sum(dot_ * vg[None, :], 1) - delta)
+        dvv += tl.sum(p[:, None] * dot_, 0)
+        dk += tl.sum(ds[:, None] * qt, 0)
+        # row: the global query on keys t (only itself unless it sees the slide)
+        if GLOBAL_SEES_ALL:
+            kok = ok
+        else:
+            kok = t == g
+        kt = _load_rows(K, t, skl, skd, kok, HEAD_D, BLOCK_D)
+        vt = _load_rows(V, t, svl, svd, kok, HEAD_DV, BLOCK_DV)
+        p = tl.math.exp2(tl.where(kok, tl.sum(kt * qg[None, :], 1) * qk_scale - lse_g, float("-inf")))
+        ds = p * (tl.sum(vt * dog[None, :], 1) - delta_g)
+        dq += tl.sum(ds[:, None] * kt, 0)
+    part = (pid_bh.to(tl.int64) * S + s) * NSPLIT + split
+    tl.store(DQ_PART + part * BLOCK_D + d, dq)
+    tl.store(DK_PART + part * BLOCK_D + d, dk)
+    tl.store(DV_PART + part * BLOCK_DV + dv, dvv)
+
+
+@triton.jit(do_not_specialize=["S", "L"])
+def _global_bwd_merge(
+    DQ, DK, DV, DQ_PART, DK_PART, DV_PART, slide_token_start,
+    S, L, sm_scale,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    NSPLIT: tl.constexpr,
+):
+    """Fixed-order sum of the split partials -> the global token's dq, dk, dv."""
+    s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    row = pid_bh.to(tl.int64) * L + tl.load(slide_token_start + s)  # grads are contiguous [B, H, L, D]
+    part = (pid_bh.to(tl.int64) * S + s) * NSPLIT + tl.arange(0, NSPLIT)  # [NSPLIT]
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    dq = tl.sum(tl.load(DQ_PART + part[:, None] * BLOCK_D + d[None, :]), 0)
+    dk = tl.sum(tl.load(DK_PART + part[:, None] * BLOCK_D + d[None, :]), 0)
+    dvv = tl.sum(tl.load(DV_PART + part[:, None] * BLOCK_DV + dv[None, :]), 0)
+    tl.store(DQ + row * HEAD_D + d, (dq * sm_scale).to(DQ.dtype.element_ty), mask=d < HEAD_D)
+    tl.store(DK + row * HEAD_D + d, (dk * sm_scale).to(DK.dtype.element_ty), mask=d < HEAD_D)
+    tl.store(DV + row * HEAD_DV + dv, dvv.to(DV.dtype.element_ty), mask=dv < HEAD_DV)
+
+
+def attention_bwd(do, q, k, v, o, lse, lay: meta.LayoutArgs, scale: float, flags: meta.MaskFlags, pack_size: int):
+    """Launch the backward kernels -> (dq, dk, dv), contiguous, in the dtypes of q, k, v."""
+    b, h, n_tok, d = q.shape
+    dv = v.shape[-1]
+    p, s = lay.num_packs, lay.num_slides
+    dq, dk, dvv = (meta.new_buffer(t.shape, t.dtype, t.device) for t in (q, k, v))  # contiguous
+    delta = meta.new_buffer((b, h, n_tok), torch.float32, q.device)
+    qk_scale = scale * 1.4426950408889634
+    dims = dict(HEAD_D=d, HEAD_DV=dv, BLOCK_D=meta.block_d(d), BLOCK_DV=meta.block_d(dv))
+    common = dict(K2=pack_size ** 2, PREC=meta.dot_precision(q.dtype), **dims)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    sizes = (h, n_tok, p, qk_scale, scale, meta.size_bucket(p))
+
+    wrap_triton(_bwd_delta)[(triton.cdiv(n_tok, 64), b * h)](
+        o, do, delta, *_strides(o), *_strides(do), h, n_tok, HEAD_DV=dv, BLOCK_DV=dims["BLOCK_DV"], BLOCK=64)
+    layout_args = (lay.pack_patch_start, lay.pack_patch_count, lay.pack_summary_token, lay.pack_slide,
+                   lay.slide_token_start)
+    wrap_triton(_patch_bwd)[lambda c: (triton.cdiv(p, c["BLOCK_M"] // (pack_size ** 2)), b * h)](
+        q, k, v, do, lse, delta, dq, dk, dvv, *layout_args, *strides, *sizes, **common,
+        **flags.constexprs("PATCH_SEES_PATCHES", "PATCH_SEES_SUMMARY", "SUM_SEES_PATCHES", "GLOBAL_SEES_ALL"))
+    wrap_triton(_summary_bwd_dq)[lambda c: (triton.cdiv(p, c["BLOCK_M"]), b * h)](
+        q, k, v, do, lse, delta, dq, *layout_args, lay.slide_pack_start, *strides, *sizes, **common,
+        **flags.constexprs("SUM_SEES_PATCHES", "SUM_SEES_SUMMARIES"))
+    wrap_triton(_summary_bwd_dkv)[lambda c: (triton.cdiv(p, c["BLOCK_N"]), b * h)](
+        q, k, v, do, lse, delta, dk, dvv, *layout_args, lay.slide_pack_start, *strides, *sizes, **common,
+        **flags.constexprs("SUM_SEES_SUMMARIES", "PATCH_SEES_SUMMARY", "GLOBAL_SEES_ALL"))
+
+    nsplit = meta.num_splits(n_tok)
+    parts = [meta.new_buffer((b * h * s * nsplit, w), torch.float32, q.device)
+             for w in (dims["BLOCK_D"], dims["BLOCK_D"], dims["BLOCK_DV"])]
+    wrap_triton(_global_bwd_split)[(nsplit, s, b * h)](
+        q, k, v, do, lse, delta, *parts, lay.slide_token_start, *strides, h, s, n_tok, qk_scale,
+        NSPLIT=nsplit, GLOBAL_SEES_ALL=flags.global_sees_all, **dims)
+    wrap_triton(_global_bwd_merge)[(s, b * h)](
+        dq, dk, dvv, *parts, lay.slide_token_start, s, n_tok, scale, NSPLIT=nsplit, **dims)
+    return dq, dk, dvv

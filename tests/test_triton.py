@@ -1,0 +1,219 @@
+"""The Triton kernels against the float64 dense reference: outputs and q/k/v gradients.
+
+Without a GPU the real kernels run under the Triton interpreter (CPU tensors,
+fp32). TRITON_INTERPRET must be set before the kernels are decorated, i.e.
+before topopack.kernels.triton is first imported; if another test file in this
+process imported them first without it, the file re-runs itself in a subprocess.
+"""
+import os
+import subprocess
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from strategies import layouts
+from topopack import BIDIRECTIONAL, PAPER, TopoLayout, TopoPackAttention, TopoRules, topo_pack_attention
+from topopack.kernels import triton as _kernels, triton_meta as meta  # noqa: F401 (decorates the kernels now)
+from topopack.reference import attention as reference
+
+ON_GPU = torch.cuda.is_available() and not meta.INTERPRET
+ON_INTERPRETER = meta.INTERPRET
+needs_kernels = pytest.mark.skipif(not (ON_GPU or ON_INTERPRETER),
+                                   reason="kernels imported without TRITON_INTERPRET; see test_in_subprocess")
+needs_interpreter = pytest.mark.skipif(not ON_INTERPRETER, reason="runs on the Triton interpreter")
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs CUDA (and TRITON_INTERPRET unset)")
+DEVICE = "cuda" if ON_GPU else "cpu"
+# the two named rule sets and the two mixed ones
+RULES = st.builds(TopoRules, patch_to_summary=st.booleans(), global_to_all=st.booleans())
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every output and scratch buffer starts as NaN: a row no program writes fails the test."""
+    monkeypatch.setattr(meta, "POISON_OUTPUTS", True)
+
+
+def qkv(layout, b=2, h=2, d=16, dv=None, seed=0, magnitude=1.0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(b, h, layout.num_tokens, d)] * 2 + [(b, h, layout.num_tokens, dv or d)]
+    return [(magnitude * torch.randn(s, generator=g, dtype=torch.float64)).to(DEVICE, dtype).requires_grad_()
+            for s in shapes]
+
+
+def run_both(layout, rules, q, k, v, scale=None, seed=1):
+    """(triton out, grads), (reference out, grads) for one random output gradient."""
+    out = topo_pack_attention(q, k, v, layout, rules=rules, scale=scale, backend="triton")
+    ref = reference(q.double(), k.double(), v.double(), layout, rules, scale)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(DEVICE)
+    got = torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    return (out, got), (ref, want)
+
+
+def assert_matches(layout, rules, q, k, v, tol=2e-4, scale=None):
+    (out, got), (ref, want) = run_both(layout, rules, q, k, v, scale)
+    assert out.dtype == q.dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    for name, a, b in zip("qkv", got, want):
+        assert torch.isfinite(a).all(), f"d{name} has NaN/inf"
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol, msg=lambda m: f"d{name}: {m}")
+
+
+@needs_interpreter  # on a GPU each (head_dim, pack_size, rules) draw compiles ~10 kernels
+@settings(max_examples=25)
+@given(layouts(max_slides=3, max_side=6), RULES, st.sampled_from([16, 32, 64]), st.integers(1, 2),
+       st.integers(1, 2), st.integers(0, 2**16))
+def test_matches_reference(case, rules, d, b, h, seed):
+    layout = case[0].to(DEVICE)
+    assert_matches(layout, rules, *qkv(layout, b=b, h=h, d=d, seed=seed))
+
+
+@needs_kernels
+@pytest.mark.parametrize("rules", [PAPER, BIDIRECTIONAL], ids=lambda r: r.name)
+def test_odd_head_dims_and_strided_inputs(rules):
+    """head_dim 24 (padded to 32), v with its own head_dim 8, q/k/v as views of one fused qkv tensor."""
+    layout = TopoLayout.cat([TopoLayout.from_grid(4, 5, 3), TopoLayout.from_coords([[0, 0], [9, 9]], 1, 3)]).to(DEVICE)
+    g = torch.Generator().manual_seed(3)
+    fused = torch.randn(2, layout.num_tokens, 3, 24, generator=g).to(DEVICE)  # [B, L, (q, k, v) x H, D]
+    q, k = (fused[:, :, i].view(2, layout.num_tokens, 1, 24).transpose(1, 2).detach().requires_grad_()
+            for i in range(2))
+    v = fused[:, :, 2, :8].unsqueeze(1).detach().requires_grad_()  # [B, 1, L, 8], non-contiguous
+    assert not q.is_contiguous() and not v.is_contiguous()
+    assert_matches(layout, rules, q, k, v, scale=0.3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rules", [PAPER, BIDIRECTIONAL], ids=lambda r: r.name)
+def test_large_logits(rules):
+    """Logits around +-1e4: the online softmax and the stored LSE stay finite and exact."""
+    layout = TopoLayout.cat([TopoLayout.from_grid(3, 4, 2), TopoLayout.from_coords([[0, 0], [1, 0], [3, 1]], 1, 2)])
+    layout = layout.to(DEVICE)
+    q, k, v = qkv(layout, d=16, seed=7)
+    with torch.no_grad():
+        q.mul_(100.0), k.mul_(100.0)
+    logits = (q @ k.transpose(-1, -2)) / 4.0
+    assert logits.abs().max() > 1e4
+    (out, got), (ref, want) = run_both(layout, rules, q, k, v)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-3, atol=1e-3)
+    for name, a, b in zip("qkv", got, want):
+        assert torch.isfinite(a).all(), f"d{name} has NaN/inf"
+        # near one-hot rows have ~0 gradients; elsewhere they scale with |q|, |k| ~ 100
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-2, atol=1e-3 + 1e-3 * float(b.abs().max()))
+
+
+@needs_kernels
+@pytest.mark.parametrize("rules", [PAPER, BIDIRECTIONAL], ids=lambda r: r.name)
+def test_many_splits_and_summary_blocks(rules, monkeypatch):
+    """Slide-wide global row/column split 16 ways (some splits empty), summary blocks straddling slides."""
+    monkeypatch.setattr(meta, "GLOBAL_CHUNK", 16)
+    layout = TopoLayout.cat([TopoLayout.from_grid(9, 9, 1), TopoLayout.from_coords([[0, 0], [5, 5]], 1, 1),
+                             TopoLayout.from_grid(5, 5, 1)]).to(DEVICE)
+    assert meta.num_splits(layout.num_tokens) == 16 and layout.num_packs > 64
+    assert_matches(layout, rules, *qkv(layout, b=1, h=2, d=16, seed=5))
+
+
+@needs_kernels
+def test_backward_is_deterministic():
+    layout = TopoLayout.cat([TopoLayout.from_grid(5, 5, 2), TopoLayout.from_grid(2, 3, 2)]).to(DEVICE)
+    q, k, v = qkv(layout, d=32, seed=11)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    runs = []
+    for _ in range(2):
+        out = topo_pack_attention(q, k, v, layout, rules=BIDIRECTIONAL, backend="triton")
+        runs.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@needs_kernels
+def test_module_compiles_without_graph_break():
+    """fullgraph=True: the ops trace as torch.library ops (inductor on CUDA, eager backend on the interpreter).
+
+    topopack.kernels.triton is already imported (top of this file): dynamo cannot trace the
+    importlib call that get_backend makes on a backend's first use.
+    """
+    torch._dynamo.reset()
+    layout = TopoLayout.cat([TopoLayout.from_grid(3, 3, 2), TopoLayout.from_coords([[0, 0], [2, 2]], 1, 2)])
+    layout = layout.to(DEVICE)
+    torch.manual_seed(0)
+    attn = TopoPackAttention(32, 2, rules=BIDIRECTIONAL, backend="triton").to(DEVICE)
+    x = torch.randn(2, layout.num_tokens, 32, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(attn, fullgraph=True, backend="eager" if ON_INTERPRETER else "inductor")
+    out = compiled(x, layout)
+    want = attn(x, layout)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    gx, = torch.autograd.grad(out.sum(), x)
+    wx, = torch.autograd.grad(want.sum(), x)
+    torch.testing.assert_close(gx, wx, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_bad_head_dim_is_a_clear_error():
+    layout = TopoLayout.from_grid(2, 2, 2).to(DEVICE)
+    q, k, v = qkv(layout, d=300)
+    with pytest.raises(ValueError, match="head_dim"):
+        topo_pack_attention(q, k, v, layout, backend="triton")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype, rules, k", [(torch.bfloat16, BIDIRECTIONAL, 3), (torch.float16, PAPER, 2),
+                                             (torch.float32, BIDIRECTIONAL, 4), (torch.bfloat16, PAPER, 1)],
+                         ids=["bf16-bidirectional-k3", "fp16-paper-k2", "fp32-bidirectional-k4", "bf16-paper-k1"])
+def test_gpu_dtypes(dtype, rules, k):
+    """Half precision in, fp32 accumulation: close to the float64 reference on a few thousand tokens."""
+    layout = TopoLayout.cat([TopoLayout.from_grid(40, 37, k), TopoLayout.from_grid(7, 50, k)]).to(DEVICE)
+    q, k_, v = qkv(layout, b=2, h=4, d=64, dtype=dtype)
+    tol = {torch.float16: 2e-2, torch.bfloat16: 6e-2, torch.float32: 1e-3}[dtype]
+    assert_matches(layout, rules, q, k_, v, tol=tol)
+
+
+# Compiles every kernel for sm_90 (fp16, head_dim 64, every rule flag on, first autotune config)
+# without a GPU: the interpreter forgives what the compiler rejects (e.g. loop-carried types).
+COMPILE_FOR_SM90 = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from topopack.kernels import triton_bwd as B, triton_fwd as F
+
+POINTERS = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "O": "*fp16", "DO": "*fp16", "DQ": "*fp16", "DK": "*fp16",
+            "DV": "*fp16", "LSE": "*fp32", "DELTA": "*fp32", "M_PART": "*fp32", "L_PART": "*fp32",
+            "ACC_PART": "*fp32", "DQ_PART": "*fp32", "DK_PART": "*fp32", "DV_PART": "*fp32"}
+dims = dict(HEAD_D=64, HEAD_DV=64, BLOCK_D=64, BLOCK_DV=64)
+flags = dict(PATCH_SEES_PATCHES=True, PATCH_SEES_SUMMARY=True, SUM_SEES_PATCHES=True, SUM_SEES_SUMMARIES=True,
+             GLOBAL_SEES_ALL=True)
+for kernel in (F._patch_fwd, F._summary_fwd, F._global_fwd_split, F._global_fwd_merge, B._bwd_delta,
+               B._patch_bwd, B._summary_bwd_dq, B._summary_bwd_dkv, B._global_bwd_split, B._global_bwd_merge):
+    fn = kernel.fn if hasattr(kernel, "configs") else kernel  # unwrap triton.autotune
+    given = dict(K2=9, PREC="tf32", NSPLIT=2, BLOCK=64, **dims, **flags,
+                 **(kernel.configs[0].kwargs if hasattr(kernel, "configs") else {}))
+    consts = {n: given[n] for n in fn.arg_names if n in given}
+    sig = {n: "constexpr" if n in consts else POINTERS.get(n, "fp32" if n.endswith("scale") else
+           "*i64" if n.islower() and ("pack" in n or "slide" in n) else "i32") for n in fn.arg_names}
+    triton.compile(ASTSource(fn, sig, {(fn.arg_names.index(n),): v for n, v in consts.items()}),
+                   target=GPUTarget("cuda", 90, 32))
+    print("compiled", fn.__name__)
+"""
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU tests compile the kernels for real")
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.stdout.count("compiled") == 10
+
+
+@pytest.mark.skipif(ON_GPU or ON_INTERPRETER, reason="kernels already run in this process")
+def test_in_subprocess():
+    """The kernels were imported without TRITON_INTERPRET: run this file again where it is set first."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", __file__], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
