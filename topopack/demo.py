@@ -1,21 +1,50 @@
-"""The main job on a synthetic slide: build a layout, run TopoPackAttention, time it against dense."""
+"""`make demo`: time the attention on a synthetic slide, then run the whole Hepato-LLaVA pipeline on CPU.
+
+Steps (embedded defaults, nothing downloaded):
+  1. attention: build a layout, time TopoPackAttention against dense SDPA (a few seconds);
+  2. data: synthetic training and held-out slides (separate seeds) + VQA / caption JSON (topopack.synth, vqa_data);
+  3. MAE: quick pretraining of the slide encoder on the training slides (topopack.model.pretrain);
+  4. connector: Q-Former on captions, tiny LLM frozen; 5. VQA: Q-Former + LoRA on the VQA;
+  6. blind control: the same VQA training with the visual tokens zeroed;
+  7. eval on the held-out slides by scale -> OUT/eval.json, OUT/eval.md.
+"""
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from . import PAPER, RULES_BY_NAME, TopoLayout, TopoPackAttention
+from . import RULES_BY_NAME, TopoLayout, TopoPackAttention
 
 
 def add_arguments(p):
-    p.add_argument("--side", type=int, default=96, help="grid side of the synthetic slide (patches)")
-    p.add_argument("--pack-size", type=int, default=3)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--rules", choices=sorted(RULES_BY_NAME), default="paper")
-    p.add_argument("--repeats", type=int, default=5)
+    g = p.add_argument_group("attention timing (step 1)")
+    g.add_argument("--side", type=int, default=64, help="grid side of the synthetic slide (patches)")
+    g.add_argument("--pack-size", type=int, default=3)
+    g.add_argument("--heads", type=int, default=8)
+    g.add_argument("--head-dim", type=int, default=64)
+    g.add_argument("--rules", choices=sorted(RULES_BY_NAME), default="paper")
+    g.add_argument("--repeats", type=int, default=3)
+    g = p.add_argument_group("pipeline (steps 2-7)")
+    g.add_argument("--out", default="demo-out")
+    g.add_argument("--attention-only", action="store_true", help="stop after the attention timing")
+    g.add_argument("--train-slides", type=int, default=540)
+    g.add_argument("--test-slides", type=int, default=60)
+    g.add_argument("--min-patches", type=int, default=300)
+    g.add_argument("--max-patches", type=int, default=900)
+    g.add_argument("--per-slide", type=int, default=12, help="VQA questions per slide")
+    g.add_argument("--mae-steps", type=int, default=60)
+    g.add_argument("--connector-steps", type=int, default=100)
+    g.add_argument("--vqa-steps", type=int, default=900)
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--qformer-dim", type=int, default=128, help="Q-Former width (512 in the full model)")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads for the small models (1 is fastest for them on a busy 2-core CPU)")
+    g.add_argument("--seed", type=int, default=0)
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -28,7 +57,8 @@ def median_ms(fn, repeats: int) -> float:
     return 1e3 * sorted(times)[len(times) // 2]
 
 
-def main(args) -> int:
+def time_attention(args) -> None:
+    """Step 1: the main job on one synthetic slide -- build the layout, run the layer, time it against dense."""
     rules = RULES_BY_NAME[args.rules]
     t0 = time.perf_counter()
     layout = TopoLayout.from_grid(args.side, args.side, args.pack_size)
@@ -49,4 +79,105 @@ def main(args) -> int:
     print(f"TopoPackAttention layer: out {tuple(y.shape)}, {layer_ms:.1f} ms")
     print(f"attention forward, median of {args.repeats}: topopack {sparse_ms:.1f} ms, "
           f"dense SDPA (no mask) {dense_ms:.1f} ms -> speed-up {dense_ms / sparse_ms:.1f}x")
+
+
+def make_data(out: Path, args) -> Path:
+    """Step 2: training and held-out slides in separate folders; captions.json, vqa_train.json, vqa_test.json."""
+    from .synth import write_synthetic
+    from topopack.model.vqa_data import answer_stats, generate_captions, generate_vqa, write_json
+
+    kw = dict(min_patches=args.min_patches, max_patches=args.max_patches)
+    train = write_synthetic(out / "slides" / "train", args.train_slides, seed=args.seed, **kw)
+    test = write_synthetic(out / "slides" / "test", args.test_slides, seed=args.seed + 1, **kw)
+    data = out / "data"
+    write_json(data / "captions.json", generate_captions(train, args.seed, root=data))
+    write_json(data / "vqa_train.json", generate_vqa(train, args.seed, args.per_slide, root=data))
+    test_records = generate_vqa(test, args.seed + 1, args.per_slide, root=data)
+    write_json(data / "vqa_test.json", test_records)
+    stats = answer_stats(test_records)
+    print(f"data: {len(train)} training + {len(test)} held-out slides, {len(test_records)} held-out questions; "
+          f"blind-majority accuracy by family: " +
+          ", ".join(f"{k} {v['blind_majority']:.2f} (chance {v['chance']:.2f})" for k, v in stats.items()))
+    return data
+
+
+def chance_by_scale(data: Path) -> dict[str, float]:
+    from topopack.model.finetune import load_records
+    from topopack.model.vqa_data import chance_accuracy
+
+    recs = load_records(data, "eval")
+    return {s: chance_accuracy([r for r in recs if r["scale"] == s]) for s in ("WSI", "ROI", "Patch")}
+
+
+def run_pipeline(args) -> dict:
+    from topopack.model.encoder import load_encoder
+    from topopack.model.evaluate import evaluate, markdown_table
+    from topopack.model.finetune import SummaryCache, finetune
+    from topopack.model.pretrain import pretrain
+    from topopack.model.qformer import QFormerConfig
+
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    timings = {}
+
+    def step(name, fn):
+        t = time.perf_counter()
+        print(f"\n== {name}")
+        result = fn()
+        timings[name] = round(time.perf_counter() - t, 1)
+        print(f"== {name}: {timings[name]:.1f} s")
+        return result
+
+    data = step("data", lambda: make_data(out, args))
+    mae = step("MAE pretraining", lambda: pretrain("mae", out / "slides" / "train", out / "mae", quick=True,
+                                                     steps=args.mae_steps, seed=args.seed))
+    encoder = out / "mae" / "encoder.pt"
+    cache = SummaryCache(load_encoder(encoder))  # the frozen encoder runs once per slide for all steps below
+    small = dict(qformer_cfg=QFormerConfig(dim=args.qformer_dim))  # brief defaults otherwise (32 queries, r 128)
+    common = dict(batch_size=args.batch_size, seed=args.seed, device="cpu", cache=cache, lr=args.lr)
+    step("connector (stage A)", lambda: finetune("connector", data, encoder, out / "connector",
+                                                 steps=args.connector_steps, **small, **common))
+    step("VQA (stage B)", lambda: finetune("vqa", data, encoder, out / "vqa", init=out / "connector",
+                                           steps=args.vqa_steps, **common))
+    step("blind control", lambda: finetune("vqa", data, encoder, out / "blind", init=out / "connector", blind=True,
+                                           steps=args.vqa_steps, **common))
+    real = step("eval", lambda: evaluate(out / "vqa", data, out / "vqa", cache=cache))
+    blind = step("eval blind", lambda: evaluate(out / "blind", data, out / "blind", cache=cache))
+    chance = chance_by_scale(data)
+    scales = {}
+    for s, m in real["scales"].items():
+        blind_sc = blind["scales"].get(s, {}).get("single_choice")
+        scales[s] = {"single_choice": m.get("single_choice"), "multi_choice": m.get("multi_choice"),
+                     "open_f1": m.get("open_f1"), "blind_single_choice": blind_sc, "chance_single_choice": chance[s]}
+    acceptance = {s: {"single_choice_ge_0.8": (v["single_choice"] or 0) >= 0.8,
+                      "blind_within_0.1_of_chance":
+                          abs((v["blind_single_choice"] or 0) - v["chance_single_choice"]) <= 0.1}
+                  for s, v in scales.items()}
+    wall = round(time.perf_counter() - t0, 1)
+    result = {"scales": scales, "acceptance": acceptance, "families": real["families"],
+              "blind_families": blind["families"],
+              "mae": {k: v for k, v in (mae or {}).items() if k.startswith("heldout_")},
+              "wall_s": wall, "timings_s": timings}
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    table = markdown_table(real, {"blind_single_choice": {s: v["blind_single_choice"] for s, v in scales.items()}})
+    (out / "eval.md").write_text(table)
+    print("\nheld-out eval by scale:\n" + table)
+    print(f"pipeline wall time {wall:.0f} s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}); "
+          f"wrote {out / 'eval.json'}")
+    return result
+
+
+def main(args) -> int:
+    t0 = time.perf_counter()
+    print("== attention timing")
+    time_attention(args)
+    if args.attention_only:
+        return 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        run_pipeline(args)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"demo total {time.perf_counter() - t0:.0f} s")
     return 0

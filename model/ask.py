@@ -1,0 +1,72 @@
+"""`topopack ask SLIDE.h5 "question" [--region x0,y0,x1,y1]`: answer one question about a slide.
+
+Python: ``ask(slide, question, region=None, model="demo-out/vqa")`` (a loaded ``Assistant`` is reused across
+questions and slides: the encoder runs once per slide).
+"""
+from __future__ import annotations
+
+import torch
+
+from topopack.model.regions import check_box
+
+DEFAULT_MODEL = "demo-out/vqa"
+
+
+class Assistant:
+    """A loaded model: ``assistant(slide, question, region=None, sample=False, temperature=1.0) -> str``."""
+
+    def __init__(self, model_dir=DEFAULT_MODEL, device="cpu"):
+        from topopack.model.finetune import SummaryCache, load_model
+
+        self.vlm, encoder, self.meta = load_model(model_dir, device=device)
+        self.vlm.eval()
+        self.cache = SummaryCache(encoder, device)
+
+    def __call__(self, slide, question: str, region=None, *, sample: bool = False, temperature: float = 1.0,
+                 max_new_tokens: int = 32, seed: int | None = None) -> str:
+        from topopack.model.vlm import Sample, tokenize_turn
+
+        box = None if region is None else list(check_box(region))
+        before, after, _ = tokenize_turn(self.vlm.tokenizer, question)
+        mem, pos = self.cache.region(slide, box)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        return self.vlm.answer([Sample(before, after, None, mem, pos)], sample=sample, temperature=temperature,
+                               max_new_tokens=max_new_tokens, generator=gen)[0]
+
+
+_LOADED: dict = {}
+
+
+def ask(slide, question: str, region=None, *, model=DEFAULT_MODEL, sample: bool = False, temperature: float = 1.0,
+        device="cpu", **kw) -> str:
+    """Answer ``question`` about ``slide`` (an h5/pt feature file) in ``region`` (level-0 box) or the whole slide."""
+    key = (str(model), str(device))
+    if key not in _LOADED:
+        _LOADED[key] = Assistant(model, device)
+    return _LOADED[key](slide, question, region, sample=sample, temperature=temperature, **kw)
+
+
+def parse_region(text: str | None):
+    if text is None:
+        return None
+    return list(check_box(text.split(","), "--region"))
+
+
+def add_arguments(p) -> None:
+    p.add_argument("slide", help="slide feature file (.h5 / .pt)")
+    p.add_argument("question")
+    p.add_argument("--region", default=None, help="x0,y0,x1,y1 in level-0 pixels (default: the whole slide)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model directory from `topopack finetune --stage vqa`")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="seed for --sample")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def main(args) -> int:
+    answer = ask(args.slide, args.question, parse_region(args.region), model=args.model, sample=args.sample,
+                 temperature=args.temperature, device=args.device, seed=args.seed,
+                 max_new_tokens=args.max_new_tokens)
+    print(answer)
+    return 0

@@ -1,0 +1,128 @@
+"""The language model: any local HF causal LM, or the embedded tiny Llama + a locally built tokenizer; LoRA via peft.
+
+Nothing is downloaded: ``load_llm(path)`` reads a local checkpoint only (``local_files_only=True``).
+The embedded default (``build_default_llm``) is a small LlamaForCausalLM built from a config in code with a
+WordLevel tokenizer trained (``tokenizers`` library) on the task's text; it is written to disk with
+``save_pretrained`` so every later stage loads it through the same path as a real checkpoint.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
+# always in the default vocabulary, so digits, letters and punctuation never become <unk>
+BASE_TEXT = " ".join(list("abcdefghijklmnopqrstuvwxyz0123456789") + list(".,;:?!()[]+-/%'\"") +
+                     ["user", "assistant", "yes", "no", "and"])
+
+
+@dataclass
+class TinyLlamaConfig:
+    """The embedded default LLM (randomly initialised, trained by the finetuning stages)."""
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 1024
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the LLM's linear layers except lm_head (peft ``all-linear``) unless target_modules is given."""
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    modules_to_save: list[str] | None = None
+
+    def peft_config(self):
+        from peft import LoraConfig, TaskType
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=self.target_modules, modules_to_save=self.modules_to_save,
+                          task_type=TaskType.CAUSAL_LM)
+
+
+def build_tokenizer(texts: Iterable[str]):
+    """A WordLevel tokenizer (lower-cased, split on whitespace and punctuation) trained on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces, no merges
+    trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS), min_frequency=1)
+    tok.train_from_iterator([BASE_TEXT, *texts], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", additional_special_tokens=["<image>"])
+
+
+def build_default_llm(tokenizer, cfg: TinyLlamaConfig | None = None, seed: int = 0) -> nn.Module:
+    """The embedded tiny Llama for ``tokenizer`` (deterministic for a seed)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = cfg or TinyLlamaConfig()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_attention_heads, max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def load_llm(path, dtype=torch.float32):
+    """(model, tokenizer) from a local HF checkpoint directory (e.g. Qwen2.5, Vicuna); never downloads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"--llm {path}: not a local checkpoint directory (nothing is downloaded)")
+    if not (p / "config.json").exists():
+        raise FileNotFoundError(f"--llm {path}: no config.json; save the model with save_pretrained first")
+    tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=dtype)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"--llm {path}: the tokenizer has no eos token, needed to end answers")
+    return model, tokenizer
+
+
+def save_llm(path, model, tokenizer) -> None:
+    """Write a base LLM and its tokenizer as a local HF checkpoint."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def add_lora(model, settings: LoraSettings):
+    """Wrap ``model`` with fresh LoRA adapters (only they train)."""
+    from peft import get_peft_model
+    return get_peft_model(freeze(model), settings.peft_config())
+
+
+def load_lora(model, adapter_dir, trainable: bool = False):
+    """Attach saved LoRA adapters to ``model``."""
+    from peft import PeftModel
+    return PeftModel.from_pretrained(freeze(model), adapter_dir, is_trainable=trainable)
+
+
+def lora_settings_from_dict(d: dict | None) -> LoraSettings:
+    return LoraSettings(**(d or {}))
+
+
+__all__ = ["SPECIAL_TOKENS", "TinyLlamaConfig", "LoraSettings", "build_tokenizer", "build_default_llm", "load_llm",
+           "save_llm", "freeze", "add_lora", "load_lora", "lora_settings_from_dict"]

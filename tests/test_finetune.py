@@ -1,0 +1,143 @@
+"""Finetuning end to end on tiny synthetic slides: stages, frozen encoder, resume, --llm checkpoints, eval, ask."""
+import json
+
+import pytest
+import torch
+
+from topopack.model.encoder import SlideEncoder, SlideEncoderConfig, load_encoder, save_encoder
+from topopack.model.finetune import SummaryCache, finetune, load_model, load_records
+from topopack.model.llm import LoraSettings, TinyLlamaConfig, build_default_llm, build_tokenizer, save_llm
+from topopack.model.qformer import QFormerConfig
+from topopack.model.regions import RegionError
+
+SMALL = dict(qformer_cfg=QFormerConfig(dim=16, num_queries=4, depth=1, heads=2),
+             tiny=TinyLlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+             lora=LoraSettings(r=4, alpha=8), batch_size=4)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is much faster on a busy CPU
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Six small synthetic slides, caption/VQA JSON (train = 4 slides, test = 2), a tiny random encoder."""
+    from topopack.model.vqa_data import generate_captions, generate_vqa, write_json
+    from topopack.synth import write_synthetic
+
+    root = tmp_path_factory.mktemp("ft")
+    slides = write_synthetic(root / "slides", 6, seed=3, min_patches=300, max_patches=420, progress=False)
+    data = root / "data"
+    write_json(data / "captions.json", generate_captions(slides[:4], 0, per_slide=3, root=data))
+    write_json(data / "vqa_train.json", generate_vqa(slides[:4], 0, per_slide=6, root=data))
+    write_json(data / "vqa_test.json", generate_vqa(slides[4:], 1, per_slide=6, root=data))
+    torch.manual_seed(0)
+    enc = SlideEncoder(SlideEncoderConfig(in_dim=64, dim=16, depth=1, heads=2, mlp_dim=32))
+    save_encoder(root / "encoder.pt", enc)
+    return root, data, root / "encoder.pt"
+
+
+def test_stages_eval_and_ask(world):
+    from topopack.cli import main as cli
+    from topopack.model.ask import ask
+    from topopack.model.evaluate import evaluate
+
+    root, data, enc = world
+    conn = finetune("connector", data, enc, root / "conn", steps=2, **SMALL)
+    assert len(conn["history"]) == 2
+    m = json.loads((root / "conn" / "model.json").read_text())
+    assert m["stage"] == "connector" and "adapter" not in m and (root / "conn" / "llm" / "config.json").exists()
+    vqa = finetune("vqa", data, enc, root / "vqa", init=root / "conn", steps=3, **SMALL)
+    assert len(vqa["history"]) == 3
+    vlm, encoder, meta = load_model(root / "vqa")
+    assert meta["adapter"] == "adapter" and meta["stage"] == "vqa"
+    # the Q-Former continued from the connector run, and trained further
+    q_conn = torch.load(root / "conn" / "qformer.pt")["model"]["queries"]
+    assert not torch.equal(q_conn, vlm.qformer.queries.detach())
+    # the slide encoder is frozen: identical to the one given
+    ref = load_encoder(enc)
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), encoder.state_dict().values()))
+    metrics = evaluate(root / "vqa", data, root / "eval")
+    assert set(metrics["scales"]) == {"WSI", "ROI", "Patch"}
+    values = [v for m in metrics["scales"].values() for k, v in m.items() if not k.startswith("n_")]
+    assert values and all(0 <= v <= 1 for v in values)
+    saved = json.loads((root / "eval" / "metrics.json").read_text())["eval"]
+    assert saved["scales"] == metrics["scales"] and (root / "eval" / "eval.md").read_text().startswith("| scale")
+    rec = next(r for r in load_records(data, "eval") if r["region"] is not None)
+    answer = ask(rec["slide"], rec["question"], rec["region"], model=root / "vqa")
+    assert isinstance(answer, str)
+    assert cli(["ask", rec["slide"], "Is there a tumor in this slide?", "--model", str(root / "vqa"),
+                "--region", ",".join(str(v) for v in rec["region"]), "--sample", "--seed", "1"]) == 0
+    with pytest.raises(RegionError, match="intersects no tissue"):
+        ask(rec["slide"], "What tissue?", [-900, -900, -800, -800], model=root / "vqa")
+
+
+def test_summary_cache_encodes_each_slide_once(world):
+    root, data, enc = world
+    encoder = load_encoder(enc)
+    calls = []
+    encoder.register_forward_hook(lambda *a: calls.append(1))
+    cache = SummaryCache(encoder)
+    recs = load_records(data, "vqa")
+    for r in recs:
+        mem, pos = cache.region(r["slide"], r["region"])
+        assert mem.shape[0] == pos.shape[0] >= 1
+    assert len(calls) == len({r["slide"] for r in recs})
+    whole = cache.region(recs[0]["slide"])[0]
+    assert whole.shape[0] == cache.get(recs[0]["slide"]).layout.num_packs
+
+
+def test_resume_matches_uninterrupted(world):
+    root, data, enc = world
+    kw = dict(SMALL, steps=4, train_kw={"ckpt_every": 2})
+    full = finetune("vqa", data, enc, root / "r_full", **kw)
+    finetune("vqa", data, enc, root / "r_cut", stop_after=2, **kw)
+    resumed = finetune("vqa", data, enc, root / "r_cut", resume=True, **kw)
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in full["history"]], rel=1e-5)
+
+
+def test_local_hf_checkpoint_through_llm(world, tmp_path):
+    """A tiny HF model saved with save_pretrained trains through --llm (CLI) and generates."""
+    from topopack.cli import main as cli
+
+    root, data, enc = world
+    tok = build_tokenizer([t["conversations"][0]["value"] for t in load_records(data, "vqa")])
+    save_llm(tmp_path / "hf", build_default_llm(tok, SMALL["tiny"], seed=1), tok)
+    out = tmp_path / "model"
+    rc = cli(["finetune", "--stage", "vqa", "--data", str(data), "--encoder", str(enc), "--out", str(out),
+              "--llm", str(tmp_path / "hf"), "--steps", "2", "--batch-size", "2", "--queries", "4",
+              "--qformer-dim", "16", "--qformer-heads", "2", "--lora-r", "4", "--lora-alpha", "8"])
+    assert rc == 0
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["llm"] == str((tmp_path / "hf").resolve()) and not (out / "llm").exists()
+    from topopack.model.ask import Assistant
+    rec = load_records(data, "eval")[0]
+    assert isinstance(Assistant(out)(rec["slide"], rec["question"], rec["region"], max_new_tokens=3), str)
+
+
+def test_bad_inputs_name_the_problem(world, tmp_path):
+    root, data, enc = world
+    with pytest.raises(FileNotFoundError, match="captions.json"):
+        finetune("connector", tmp_path, enc, tmp_path / "x", steps=1, **SMALL)
+    with pytest.raises(FileNotFoundError, match="not a local checkpoint"):
+        finetune("vqa", data, enc, tmp_path / "y", llm=tmp_path / "nope", steps=1, **SMALL)
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        load_model(tmp_path)
+
+
+def test_family_sampling_weights(world):
+    from topopack.model.finetune import sample_weights
+
+    recs = load_records(world[1], "vqa")
+    w = sample_weights(recs, "family")
+    per_family = {}
+    for r, x in zip(recs, w.tolist()):
+        per_family[r["family"]] = per_family.get(r["family"], 0.0) + x
+    assert len(per_family) > 1 and all(v == pytest.approx(1.0) for v in per_family.values())
+    assert torch.equal(sample_weights(recs, "uniform"), torch.ones(len(recs), dtype=torch.float64))
+    with pytest.raises(ValueError, match="sampling"):
+        sample_weights(recs, "bogus")
