@@ -1,0 +1,173 @@
+"""The slide encoder: a pre-LN transformer whose every attention is topo-pack attention.
+
+One TopoLayout is built per slide (or per batch of slides, via TopoLayout.cat) and
+passed through all blocks. Inputs are patch features in the slide's input order;
+summary and global tokens start as the mean of their pack / slide unless given.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from topopack import RULES_BY_NAME, TopoLayout, TopoPackAttention
+from topopack.layout import _segment_mean
+
+
+@dataclass
+class SlideEncoderConfig:
+    """Defaults follow the authors' slide encoder (width 512, 6 blocks, 8 heads, packs of 3x3)."""
+
+    in_dim: int                 # width of the input patch features
+    dim: int = 512
+    depth: int = 6
+    heads: int = 8
+    mlp_dim: int = 2048
+    dropout: float = 0.1
+    pack_size: int = 3
+    rules: str = "paper"        # key of topopack.RULES_BY_NAME
+    pos_embed: bool = False     # add 2D sin-cos of grid cells (off in the authors' code)
+    center_input: bool = False  # subtract each slide's mean patch feature first (removes slide-wide stain shifts)
+    backend: str = "auto"       # attention backend, see topopack.topo_pack_attention
+
+    def __post_init__(self):
+        if self.rules not in RULES_BY_NAME:
+            raise ValueError(f"rules must be one of {sorted(RULES_BY_NAME)}, got {self.rules!r}")
+        if self.in_dim < 1 or self.dim < 1 or self.depth < 0 or self.mlp_dim < 1:
+            raise ValueError(f"in_dim, dim, mlp_dim must be positive and depth >= 0, got {self}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} must be a multiple of heads {self.heads}")
+        if self.pos_embed and self.dim % 4:
+            raise ValueError(f"pos_embed needs dim divisible by 4, got {self.dim}")
+
+
+class EncoderOutput(NamedTuple):
+    patches: torch.Tensor    # [B, N, dim] in the input patch order
+    summaries: torch.Tensor  # [B, P, dim] in pack order
+    globals: torch.Tensor    # [B, S, dim] one per slide
+    tokens: torch.Tensor     # [B, L, dim] in the layout's token order
+
+
+def sincos_2d(cells: torch.Tensor, dim: int) -> torch.Tensor:
+    """2D sin-cos position code of (row, col) positions [n, 2] -> [n, dim] (MAE style, dim % 4 == 0)."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, device=cells.device, dtype=torch.float32) / max(1, quarter))
+    out = [f(cells[:, i, None].float() * omega) for i in (0, 1) for f in (torch.sin, torch.cos)]
+    return torch.cat(out, 1)
+
+
+def token_positions(layout: TopoLayout, dim: int) -> torch.Tensor:
+    """[L, dim] sin-cos codes in token order: patches at their grid cell, summaries at their
+    pack's centre (in patch units), global tokens zero."""
+    k = layout.pack_size
+    pos = torch.zeros(layout.num_tokens, dim, device=layout.device)
+    pos[layout.patch_token] = sincos_2d(layout.patch_cell, dim)
+    pos[layout.pack_summary_token] = sincos_2d(layout.pack_cell.float() * k + (k - 1) / 2, dim)
+    return pos
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x), layout), then x + FFN(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float, rules, backend: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = TopoPackAttention(dim, heads, rules=rules, backend=backend)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(mlp_dim, dim), nn.Dropout(dropout))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, layout: TopoLayout) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), layout))
+        return x + self.mlp(self.norm2(x))
+
+
+class SlideEncoder(nn.Module):
+    """forward(patch_features [B, N, in_dim], layout, summary_features=None, global_features=None) -> EncoderOutput.
+
+    B > 1 shares one layout (e.g. augmented views of one slide); several slides of
+    different sizes go in one call as B = 1 with ``TopoLayout.cat``.
+    """
+
+    def __init__(self, cfg: SlideEncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        rules = RULES_BY_NAME[cfg.rules]
+        self.proj = nn.Linear(cfg.in_dim, cfg.dim)
+        self.type_embed = nn.Embedding(3, cfg.dim)  # global, summary, patch
+        nn.init.normal_(self.type_embed.weight, std=0.02)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_dim, cfg.dropout, rules, cfg.backend)
+                                    for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim)
+
+    def embed(self, patch_features, layout: TopoLayout, summary_features=None, global_features=None):
+        """Input tokens [B, L, dim] before the blocks (projection + type and optional position codes)."""
+        cfg = self.cfg
+        if patch_features.ndim != 3:
+            raise ValueError(f"patch_features must be [B, N, in_dim], got {tuple(patch_features.shape)}")
+        if patch_features.shape[-1] != cfg.in_dim:
+            raise ValueError(f"patch_features have width {patch_features.shape[-1]}, the encoder expects in_dim={cfg.in_dim}")
+        if layout.pack_size != cfg.pack_size:
+            raise ValueError(f"layout has pack_size {layout.pack_size}, the encoder was built for {cfg.pack_size}")
+        if cfg.center_input:
+            patch_slide = layout.pack_slide[layout.patch_pack]
+            mean = _segment_mean(patch_features, patch_slide, layout.num_slides)
+            patch_features = patch_features - mean[..., patch_slide, :]
+            summary_features = None if summary_features is None else summary_features - mean[..., layout.pack_slide, :]
+            global_features = None if global_features is None else global_features - mean
+        x = layout.tokens_from_patches(patch_features, summary_features, global_features)
+        x = self.proj(x) + self.type_embed(layout.token_kind.long())
+        if cfg.pos_embed:
+            x = x + token_positions(layout, cfg.dim).to(x.dtype)
+        return self.drop(x)
+
+    def forward_tokens(self, x: torch.Tensor, layout: TopoLayout) -> torch.Tensor:
+        """The blocks and the final norm on embedded tokens [B, L, dim]."""
+        for block in self.blocks:
+            x = block(x, layout)
+        return self.norm(x)
+
+    def forward(self, patch_features, layout: TopoLayout, summary_features=None, global_features=None) -> EncoderOutput:
+        tokens = self.forward_tokens(self.embed(patch_features, layout, summary_features, global_features), layout)
+        return EncoderOutput(layout.patches_from_tokens(tokens), layout.summaries_from_tokens(tokens),
+                             layout.globals_from_tokens(tokens), tokens)
+
+
+def save_encoder(path, encoder: SlideEncoder) -> None:
+    """Write {"config": asdict(cfg), "model": state_dict} atomically (tmp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    torch.save({"config": asdict(encoder.cfg), "model": state}, tmp)
+    os.replace(tmp, path)
+
+
+def load_encoder(path, map_location=None, backend: str | None = None) -> SlideEncoder:
+    """Load a SlideEncoder written by save_encoder (``backend`` overrides the saved one)."""
+    try:
+        ckpt = torch.load(path, map_location=map_location or "cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: encoder checkpoint not found") from None
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable encoder checkpoint ({e})") from e
+    if not isinstance(ckpt, dict) or not {"config", "model"} <= set(ckpt):
+        raise ValueError(f"{path}: not an encoder checkpoint (needs keys 'config' and 'model')")
+    known = {f.name for f in fields(SlideEncoderConfig)}
+    cfg = SlideEncoderConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
+    if backend is not None:
+        cfg.backend = backend
+    enc = SlideEncoder(cfg)
+    try:
+        enc.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not match the saved config: {e}") from e
+    if map_location is not None:
+        enc.to(map_location)
+    return enc
