@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m topopack.cli demo
+	$(VENV)/bin/topopack demo
 
 # pytest exits 5 when it collects nothing; that is not a failure of the suite.
 test: $(STAMP)
