@@ -6,9 +6,7 @@ summary and global tokens start as the mean of their pack / slide unless given.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -16,6 +14,8 @@ from torch import nn
 
 from topopack import RULES_BY_NAME, TopoLayout, TopoPackAttention
 from topopack.layout import _segment_mean
+
+from .trainer import atomic_save
 
 
 @dataclass
@@ -141,12 +141,8 @@ class SlideEncoder(nn.Module):
 
 def save_encoder(path, encoder: SlideEncoder) -> None:
     """Write {"config": asdict(cfg), "model": state_dict} atomically (tmp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
-    torch.save({"config": asdict(encoder.cfg), "model": state}, tmp)
-    os.replace(tmp, path)
+    atomic_save({"config": asdict(encoder.cfg), "model": state}, path)
 
 
 def load_encoder(path, map_location=None, backend: str | None = None) -> SlideEncoder:
