@@ -82,7 +82,7 @@ def turn(record: dict) -> tuple[str, str]:
 
 @dataclass
 class EncodedSlide:
-    summaries: torch.Tensor   # [P, D] frozen encoder summary tokens (cpu float32)
+    summaries: torch.Tensor   # [P, D + C] frozen encoder summary tokens, then the pack's raw mean feature (cpu f32)
     positions: torch.Tensor   # [P, 2] pack centres in [0, 1]
     layout: object            # the slide's TopoLayout (cpu), for region -> packs
     origin: tuple[int, int]
@@ -90,7 +90,11 @@ class EncodedSlide:
 
 
 class SummaryCache:
-    """Encodes each slide once with the frozen encoder; ``region(path, box)`` -> (memory, positions)."""
+    """Encodes each slide once with the frozen encoder; ``region(path, box)`` -> (memory, positions).
+
+    A pack's memory token is its encoded summary token concatenated with the mean of its input patch features
+    (the input the encoder's summary token starts from), so the connector sees the slide's features directly too.
+    """
 
     def __init__(self, encoder: SlideEncoder, device="cpu"):
         self.encoder = freeze(encoder).eval().to(device)
@@ -108,9 +112,16 @@ class SummaryCache:
             summ = None if s.summary_features is None else s.summary_features[None].to(dev)
             glob = None if s.global_features is None else s.global_features.reshape(1, 1, -1).to(dev)
             out = self.encoder(s.features[None].to(dev), layout.to(dev), summ, glob)
-            self.slides[key] = EncodedSlide(out.summaries[0].float().cpu(), pack_positions(layout), layout,
-                                            s.origin, s.patch_size)
+            feats = s.features.float()
+            raw = feats.new_zeros(layout.num_packs, feats.shape[1]).index_add_(0, layout.patch_pack.long(), feats)
+            raw /= layout.pack_patch_count.to(raw.dtype).clamp_min(1)[:, None]
+            memory = torch.cat([out.summaries[0].float().cpu(), raw], -1)
+            self.slides[key] = EncodedSlide(memory, pack_positions(layout), layout, s.origin, s.patch_size)
         return self.slides[key]
+
+    def memory_dim(self, path) -> int:
+        """Width of the memory tokens of a slide (encoder width + input feature width)."""
+        return self.get(path).summaries.shape[1]
 
     def encode_all(self, paths) -> None:
         from tqdm.auto import tqdm
@@ -126,16 +137,27 @@ class SummaryCache:
 SAMPLING = ("family", "uniform")
 
 
-def sample_weights(records: list[dict], sampling: str = "family") -> torch.Tensor:
+def sample_weights(records: list[dict], sampling: str = "family",
+                   family_weights: dict[str, float] | None = None) -> torch.Tensor:
     """Batch sampling weights: "uniform" over records, or "family": every question family (tumor, count, ...,
-    patch_class) equally often, so the few whole-slide questions per slide are not drowned by region ones."""
+    patch_class) equally often, so the few whole-slide questions per slide are not drowned by region ones.
+    ``family_weights`` (family "family" only) multiplies a family's share (default 1), e.g. more steps on the hard
+    whole-slide families; it depends on the question family only, never on the answer."""
     if sampling not in SAMPLING:
         raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
     if sampling == "uniform":
+        if family_weights:
+            raise ValueError("family_weights needs sampling='family'")
         return torch.ones(len(records), dtype=torch.float64)
     keys = [r.get("family") or r["scale"] for r in records]
     counts = {k: keys.count(k) for k in set(keys)}
-    return torch.tensor([1.0 / counts[k] for k in keys], dtype=torch.float64)
+    fw = dict(family_weights or {})
+    unknown = sorted(set(fw) - set(counts))
+    if unknown:
+        raise ValueError(f"family_weights names families not in the data: {unknown} (have {sorted(counts)})")
+    if any(not (w > 0) for w in fw.values()):
+        raise ValueError(f"family_weights must be > 0, got {fw}")
+    return torch.tensor([fw.get(k, 1.0) / counts[k] for k in keys], dtype=torch.float64)
 
 
 def make_samples(records: list[dict], tokenizer, cache: SummaryCache, with_answer: bool = True) -> list[Sample]:
@@ -146,6 +168,20 @@ def make_samples(records: list[dict], tokenizer, cache: SummaryCache, with_answe
         before, after, ans = tokenize_turn(tokenizer, q, a if with_answer else None)
         mem, pos = cache.region(r["slide"], r.get("region"))
         out.append(Sample(before, after, ans, mem, pos))
+    return out
+
+
+def parse_family_weights(text: str) -> dict[str, float]:
+    """"location=3,count=2" -> {"location": 3.0, "count": 2.0}."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ValueError(f"--family-weights: expected FAMILY=WEIGHT items, got {item!r} in {text!r}")
     return out
 
 
@@ -187,8 +223,10 @@ def load_model(model_dir, *, device="cpu", lora_trainable: bool = False, blind: 
 
 def build_model(stage: str, encoder: SlideEncoder, texts: list[str], *, llm_path=None, init=None, blind=False,
                 qformer_cfg: QFormerConfig | None = None, tiny: TinyLlamaConfig | None = None,
-                lora: LoraSettings | None = None, seed: int = 0, out=None) -> tuple[HepatoLLaVA, dict]:
+                lora: LoraSettings | None = None, seed: int = 0, out=None,
+                memory_dim: int | None = None) -> tuple[HepatoLLaVA, dict]:
     """The model a stage trains, and its meta. connector: Q-Former only; vqa: Q-Former + fresh LoRA.
+    ``memory_dim``: width of the region memory tokens (SummaryCache.memory_dim; default the encoder width).
 
     The embedded LLM's base weights are written to OUT/llm here, before LoRA wraps the model.
     """
@@ -202,9 +240,10 @@ def build_model(stage: str, encoder: SlideEncoder, texts: list[str], *, llm_path
         if not Path(meta["llm"]).is_absolute():  # the embedded LLM travels with the model directory
             meta["embedded"] = True
         llm, tokenizer, qformer = vlm.llm, vlm.tokenizer, vlm.qformer
-        if qformer.cfg.enc_dim != encoder.cfg.dim:
-            raise ValueError(f"--init {init}: its Q-Former reads {qformer.cfg.enc_dim}-wide summaries but --encoder "
-                             f"gives {encoder.cfg.dim}; use the encoder the connector was trained with")
+        if qformer.cfg.enc_dim != (memory_dim or encoder.cfg.dim):
+            raise ValueError(f"--init {init}: its Q-Former reads {qformer.cfg.enc_dim}-wide memory tokens but "
+                             f"--encoder and the slides give {memory_dim or encoder.cfg.dim}; use the encoder and "
+                             f"slide features the connector was trained with")
     else:
         if llm_path is not None:
             llm, tokenizer = load_llm(llm_path)
@@ -214,7 +253,7 @@ def build_model(stage: str, encoder: SlideEncoder, texts: list[str], *, llm_path
             llm = build_default_llm(tokenizer, tiny, seed=seed)
             meta = {"llm": "llm", "embedded": True, "tiny_llm": asdict(tiny or TinyLlamaConfig())}
         cfg = qformer_cfg or QFormerConfig()
-        cfg.enc_dim, cfg.llm_dim = encoder.cfg.dim, llm.get_input_embeddings().weight.shape[1]
+        cfg.enc_dim, cfg.llm_dim = memory_dim or encoder.cfg.dim, llm.get_input_embeddings().weight.shape[1]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             qformer = QFormer(cfg)
@@ -248,10 +287,14 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--sampling", choices=SAMPLING, default="family",
                    help="family: every question family equally often; uniform: every record equally often")
+    p.add_argument("--family-weights", default=None, type=parse_family_weights,
+                   help="with --sampling family: extra share per family, e.g. location=3,count=2 (default 1 each)")
     p.add_argument("--queries", type=int, default=32, help="Q-Former queries = visual tokens")
     p.add_argument("--qformer-dim", type=int, default=512)
     p.add_argument("--qformer-depth", type=int, default=2)
     p.add_argument("--qformer-heads", type=int, default=8)
+    p.add_argument("--anchors", type=int, default=3,
+                   help="side of the grid of spatially anchored queries (anchors^2 <= --queries; 0 = none)")
     p.add_argument("--lora-r", type=int, default=128)
     p.add_argument("--lora-alpha", type=int, default=256)
     p.add_argument("--lora-dropout", type=float, default=0.05)
@@ -268,28 +311,31 @@ def add_arguments(p) -> None:
 
 def finetune(stage: str, data, encoder_path, out, *, llm=None, init=None, blind=False, batch_size=16, steps=300,
              lr=1e-3, resume=False, device="cpu", qformer_cfg=None, tiny=None, lora=None, seed=0, desc=None,
-             train_kw=None, stop_after=None, cache: SummaryCache | None = None, sampling: str = "family") -> dict:
+             train_kw=None, stop_after=None, cache: SummaryCache | None = None, sampling: str = "family",
+             family_weights: dict[str, float] | None = None) -> dict:
     """Python entry point of `topopack finetune`; returns the training result and writes the model directory."""
     from topopack.model.trainer import TrainConfig
 
     cfg = TrainConfig(out=str(out), steps=steps, lr=lr, resume=resume, seed=seed, **(train_kw or {}))
     return _run(stage, data, encoder_path, cfg, llm=llm, init=init, blind=blind, batch_size=batch_size,
                 device=device, qformer_cfg=qformer_cfg, tiny=tiny, lora=lora, desc=desc, stop_after=stop_after,
-                cache=cache, sampling=sampling)
+                cache=cache, sampling=sampling, family_weights=family_weights)
 
 
 def _run(stage, data, encoder_path, cfg, *, llm, init, blind, batch_size, device, qformer_cfg, tiny, lora, desc=None,
-         stop_after=None, cache=None, sampling="family"):
+         stop_after=None, cache=None, sampling="family", family_weights=None):
     records = load_records(data, stage)
     texts = vocabulary_texts(records)
     encoder = load_encoder(encoder_path)
-    vlm, meta = build_model(stage, encoder, texts, llm_path=llm, init=init, blind=blind, qformer_cfg=qformer_cfg,
-                            tiny=tiny, lora=lora, seed=cfg.seed, out=cfg.out)
-    vlm.to(device)
     cache = cache or SummaryCache(encoder, device)  # a shared cache must hold this encoder's summaries
+    cache.encode_all(r["slide"] for r in records)
+    vlm, meta = build_model(stage, encoder, texts, llm_path=llm, init=init, blind=blind, qformer_cfg=qformer_cfg,
+                            tiny=tiny, lora=lora, seed=cfg.seed, out=cfg.out,
+                            memory_dim=cache.memory_dim(records[0]["slide"]))
+    vlm.to(device)
     samples = make_samples(records, vlm.tokenizer, cache)
 
-    weights = sample_weights(records, sampling)
+    weights = sample_weights(records, sampling, family_weights)
 
     def make_batch(step, micro, gen):
         idx = torch.multinomial(weights, batch_size, replacement=True, generator=gen).tolist()
@@ -307,7 +353,7 @@ def _run(stage, data, encoder_path, cfg, *, llm, init, blind, batch_size, device
 def main(args) -> int:
     targets = args.lora_targets if args.lora_targets == "all-linear" else args.lora_targets.split(",")
     qcfg = QFormerConfig(dim=args.qformer_dim, num_queries=args.queries, depth=args.qformer_depth,
-                         heads=args.qformer_heads)
+                         heads=args.qformer_heads, anchors=args.anchors)
     tiny = TinyLlamaConfig(hidden_size=args.tiny_dim, intermediate_size=2 * args.tiny_dim,
                            num_hidden_layers=args.tiny_layers)
     save = None if args.lora_save is None else [m for m in args.lora_save.split(",") if m]
@@ -315,6 +361,6 @@ def main(args) -> int:
                         modules_to_save=save)
     result = _run(args.stage, args.data, args.encoder, train_config_from_args(args), llm=args.llm, init=args.init,
                   blind=args.blind, batch_size=args.batch_size, device=args.device, qformer_cfg=qcfg, tiny=tiny,
-                  lora=lora, sampling=args.sampling)
+                  lora=lora, sampling=args.sampling, family_weights=args.family_weights)
     print(f"finetune {args.stage}: final loss {result['final_loss']:.4f} after {result['steps']} steps -> {args.out}")
     return 0

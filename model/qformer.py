@@ -21,6 +21,9 @@ class QFormerConfig:
     pos_freqs: int = 4       # Fourier frequencies of the pack-position code added to the keys (0 = off)
     registers: int = 1       # learned keys always present next to the region's tokens: attention to them is a
                              # reference that lets the queries sense how MUCH of something a region holds
+    anchors: int = 0         # side g of a g x g grid of spatially anchored queries (the first g*g queries; 0 = off):
+                             # in cross-attention each reads mostly the keys near its anchor point in the region
+                             # (`topopack finetune` and the demo use 3)
 
 
 def fourier_positions(pos: torch.Tensor, num_freqs: int) -> torch.Tensor:
@@ -29,6 +32,25 @@ def fourier_positions(pos: torch.Tensor, num_freqs: int) -> torch.Tensor:
     freqs = math.pi * 2.0 ** torch.arange(num_freqs, device=pos.device, dtype=pos.dtype)
     ang = pos[..., None] * freqs  # [..., 2, F]
     return torch.cat([pos - 0.5, ang.sin().flatten(-2), ang.cos().flatten(-2)], -1)
+
+
+def region_positions(pos: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+    """[B, M, 2] positions re-normalised to each region's own extent (first/last pack centre -> 0/1; a region one
+    pack wide -> 0.5). Padded entries are ignored and come out 0.5."""
+    pos = pos.masked_fill(pad_mask[..., None], 0.0)
+    big = torch.finfo(pos.dtype).max
+    lo = pos.masked_fill(pad_mask[..., None], big).amin(1, keepdim=True)
+    hi = pos.masked_fill(pad_mask[..., None], -big).amax(1, keepdim=True)
+    span = hi - lo
+    local = torch.where(span > 1e-6, (pos - lo) / span.clamp_min(1e-6), torch.full_like(pos, 0.5))
+    return local.masked_fill(pad_mask[..., None], 0.5)
+
+
+def anchor_points(side: int) -> torch.Tensor:
+    """[side * side, 2] (x, y) centres of a side x side grid over [0, 1]^2, row-major (top-left first)."""
+    c = (torch.arange(side, dtype=torch.float32) + 0.5) / side
+    y, x = torch.meshgrid(c, c, indexing="ij")
+    return torch.stack([x.flatten(), y.flatten()], -1)
 
 
 class QFormerLayer(nn.Module):
@@ -43,22 +65,41 @@ class QFormerLayer(nn.Module):
         hidden = int(d * cfg.mlp_ratio)
         self.ffn = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, d))
         self.drop = nn.Dropout(cfg.dropout)
+        self.heads = cfg.heads
+        # anchored queries: additive cross-attention bias -dist^2 / (2 sigma^2), a learned sigma per head
+        # (initialised to one anchor cell)
+        self.log_sigma = (nn.Parameter(torch.full((cfg.heads,), math.log(1.0 / cfg.anchors)))
+                          if cfg.anchors > 0 else None)
 
-    def forward(self, q, memory, pad_mask):
+    def forward(self, q, memory, pad_mask, dist2=None):
+        """dist2 [B, Q, K] squared anchor-key distances (0 for free queries and registers) or None."""
         h = self.norm1(q)
         q = q + self.drop(self.self_attn(h, h, h, need_weights=False)[0])
         m = self.norm_mem(memory)
-        q = q + self.drop(self.cross_attn(self.norm2(q), m, m, key_padding_mask=pad_mask, need_weights=False)[0])
+        bias = torch.zeros(pad_mask.shape, dtype=q.dtype, device=q.device).masked_fill(pad_mask, float("-inf"))
+        bias = bias[:, None, None, :].expand(-1, self.heads, q.shape[1], -1)
+        if dist2 is not None:
+            inv = 0.5 * torch.exp(-2.0 * self.log_sigma).to(q.dtype)
+            bias = bias - dist2[:, None] * inv[None, :, None, None]
+        bias = bias.reshape(-1, q.shape[1], pad_mask.shape[1])
+        q = q + self.drop(self.cross_attn(self.norm2(q), m, m, attn_mask=bias, need_weights=False)[0])
         return q + self.drop(self.ffn(self.norm3(q)))
 
 
 class QFormer(nn.Module):
     """forward(memory [B, M, enc_dim], pad_mask [B, M] True = padding, positions [B, M, 2] | None)
-    -> [B, num_queries, llm_dim]."""
+    -> [B, num_queries, llm_dim].
+
+    The first ``anchors**2`` queries are anchored on a grid over the region (row-major, top-left first), so their
+    sequence position in the LLM prompt says where in the region they looked; the others attend freely."""
 
     def __init__(self, cfg: QFormerConfig):
         super().__init__()
         self.cfg = cfg
+        if cfg.anchors < 0 or cfg.anchors ** 2 > cfg.num_queries:
+            raise ValueError(f"anchors={cfg.anchors}: a {cfg.anchors}x{cfg.anchors} grid needs <= num_queries="
+                             f"{cfg.num_queries} queries")
+        self.register_buffer("anchor_xy", anchor_points(cfg.anchors), persistent=False)
         self.queries = nn.Parameter(torch.randn(cfg.num_queries, cfg.dim) * 0.02)
         self.registers = nn.Parameter(torch.randn(cfg.registers, cfg.dim) * 0.02)
         self.mem_proj = nn.Linear(cfg.enc_dim, cfg.dim)
@@ -84,8 +125,24 @@ class QFormer(nn.Module):
         # padded keys never reach the output; zero them too so they cannot carry NaN into matmuls
         mem = mem.masked_fill(pad_mask[..., None], 0.0)
         mem = torch.cat([self.registers.expand(b, -1, -1), mem], 1)
+        dist2 = self.anchor_distances(pad_mask, positions, mem.dtype)
         pad_mask = torch.cat([pad_mask.new_zeros(b, self.cfg.registers), pad_mask], 1)
         q = self.queries.expand(b, -1, -1)
         for layer in self.layers:
-            q = layer(q, mem, pad_mask)
+            q = layer(q, mem, pad_mask, dist2)
         return self.out(self.norm(q))
+
+    def anchor_distances(self, pad_mask, positions, dtype) -> torch.Tensor | None:
+        """[B, Q, R + M] squared distances from each anchored query's grid point to the keys (positions
+        re-normalised to the region) minus that to the nearest key; 0 for free queries and the register keys.
+        None without anchors or positions."""
+        if self.cfg.anchors == 0 or positions is None:
+            return None
+        b, m = pad_mask.shape
+        local = region_positions(positions.to(dtype), pad_mask)             # [B, M, 2]
+        d2 = (self.anchor_xy.to(dtype)[None, :, None] - local[:, None]).square().sum(-1)  # [B, A, M]
+        # relative to the nearest key, so every anchor reads some tissue next to the (unbiased) register keys
+        d2 = d2 - d2.masked_fill(pad_mask[:, None], float("inf")).amin(-1, keepdim=True)
+        out = d2.new_zeros(b, self.cfg.num_queries, self.cfg.registers + m)
+        out[:, :d2.shape[1], self.cfg.registers:] = d2
+        return out

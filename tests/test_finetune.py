@@ -10,17 +10,12 @@ from topopack.model.llm import LoraSettings, TinyLlamaConfig, build_default_llm,
 from topopack.model.qformer import QFormerConfig
 from topopack.model.regions import RegionError
 
-SMALL = dict(qformer_cfg=QFormerConfig(dim=16, num_queries=4, depth=1, heads=2),
+SMALL = dict(qformer_cfg=QFormerConfig(dim=16, num_queries=4, depth=1, heads=2, anchors=2),
              tiny=TinyLlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
              lora=LoraSettings(r=4, alpha=8), batch_size=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is much faster on a busy CPU
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +105,7 @@ def test_local_hf_checkpoint_through_llm(world, tmp_path):
     out = tmp_path / "model"
     rc = cli(["finetune", "--stage", "vqa", "--data", str(data), "--encoder", str(enc), "--out", str(out),
               "--llm", str(tmp_path / "hf"), "--steps", "2", "--batch-size", "2", "--queries", "4",
-              "--qformer-dim", "16", "--qformer-heads", "2", "--lora-r", "4", "--lora-alpha", "8"])
+              "--qformer-dim", "16", "--qformer-heads", "2", "--anchors", "2", "--lora-r", "4", "--lora-alpha", "8"])
     assert rc == 0
     meta = json.loads((out / "model.json").read_text())
     assert meta["llm"] == str((tmp_path / "hf").resolve()) and not (out / "llm").exists()
@@ -141,3 +136,45 @@ def test_family_sampling_weights(world):
     assert torch.equal(sample_weights(recs, "uniform"), torch.ones(len(recs), dtype=torch.float64))
     with pytest.raises(ValueError, match="sampling"):
         sample_weights(recs, "bogus")
+
+
+def test_memory_tokens_are_summary_then_raw_pack_mean(world):
+    """A pack's memory token = the encoder's summary token, then the mean of the pack's input patch features
+    (checked against a loop over the patches)."""
+    from topopack.io import load_slide
+
+    root, data, enc = world
+    encoder = load_encoder(enc)
+    cache = SummaryCache(encoder)
+    path = load_records(data, "vqa")[0]["slide"]
+    e = cache.get(path)
+    s = load_slide(path)
+    d = encoder.cfg.dim
+    assert cache.memory_dim(path) == d + s.features.shape[1]
+    layout = e.layout
+    with torch.no_grad():
+        ref = encoder(s.features[None], layout).summaries[0]
+    torch.testing.assert_close(e.summaries[:, :d], ref.float())
+    for p in range(layout.num_packs):
+        members = [i for i in range(layout.num_patches) if int(layout.patch_pack[i]) == p]
+        torch.testing.assert_close(e.summaries[p, d:], s.features[members].float().mean(0))
+
+
+def test_family_weights_scale_a_familys_share(world):
+    from topopack.model.finetune import parse_family_weights, sample_weights
+
+    recs = load_records(world[1], "vqa")
+    fams = sorted({r["family"] for r in recs})
+    fw = {fams[0]: 3.0, fams[1]: 0.5}
+    w = sample_weights(recs, "family", fw)
+    share = {}
+    for r, x in zip(recs, w.tolist()):
+        share[r["family"]] = share.get(r["family"], 0.0) + x
+    assert share == pytest.approx({f: fw.get(f, 1.0) for f in fams})
+    assert parse_family_weights(f"{fams[0]}=3, {fams[1]}=0.5") == fw
+    with pytest.raises(ValueError, match="not in the data"):
+        sample_weights(recs, "family", {"bogus": 2.0})
+    with pytest.raises(ValueError, match="> 0"):
+        sample_weights(recs, "family", {fams[0]: 0.0})
+    with pytest.raises(ValueError, match="FAMILY=WEIGHT"):
+        parse_family_weights("location:3")

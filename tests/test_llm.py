@@ -12,12 +12,7 @@ TEXTS = ["Is there a tumor in this slide? Options: yes, no", "Where is the large
 TINY = TinyLlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is much faster on a busy CPU
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_vlm(blind=False, lora=True, seed=0):

@@ -10,7 +10,8 @@ from topopack.model.regions import RegionError, pack_boxes, pack_positions, pack
 
 def small_qformer(**kw):
     torch.manual_seed(0)
-    cfg = QFormerConfig(enc_dim=24, llm_dim=40, dim=32, num_queries=6, depth=2, heads=4, **kw)
+    kw = {"enc_dim": 24, "llm_dim": 40, "dim": 32, "num_queries": 6, "depth": 2, "heads": 4, "anchors": 2, **kw}
+    cfg = QFormerConfig(**kw)
     return QFormer(cfg).eval()
 
 
@@ -98,3 +99,57 @@ def test_bad_boxes(box):
     layout = TopoLayout.from_grid(4, 4, 2)
     with pytest.raises(RegionError, match="region"):
         packs_in_region(layout, (0, 0), 1, box)
+
+
+def test_region_positions_brute_force():
+    """Positions re-normalised to each region's extent ignore padding; a one-pack region sits at 0.5."""
+    from topopack.model.qformer import region_positions
+
+    g = torch.Generator().manual_seed(1)
+    pos = torch.rand(3, 7, 2, generator=g)
+    lengths = [7, 4, 1]
+    pad = torch.arange(7)[None] >= torch.tensor(lengths)[:, None]
+    pos[pad] = float("nan")
+    local = region_positions(pos, pad)
+    for i, n in enumerate(lengths):
+        p = pos[i, :n]
+        span = p.max(0).values - p.min(0).values
+        expect = torch.where(span > 1e-6, (p - p.min(0).values) / span.clamp_min(1e-6), torch.full_like(p, 0.5))
+        torch.testing.assert_close(local[i, :n], expect)
+        assert torch.isfinite(local[i]).all()
+
+
+def test_anchor_points_row_major():
+    from topopack.model.qformer import anchor_points
+
+    a = anchor_points(3)
+    assert a.shape == (9, 2)
+    torch.testing.assert_close(a[0], torch.tensor([1 / 6, 1 / 6]))   # upper left
+    torch.testing.assert_close(a[2], torch.tensor([5 / 6, 1 / 6]))   # upper right (x, y)
+    torch.testing.assert_close(a[6], torch.tensor([1 / 6, 5 / 6]))   # lower left
+
+
+def test_anchored_queries_read_near_their_anchor():
+    """With a sharp anchor bias (one layer, so queries cannot relay), an anchored query's output depends on the
+    key at its anchor and not on a far key; a free query depends on both."""
+    qf = small_qformer(depth=1, anchors=2)
+    with torch.no_grad():
+        qf.layers[0].log_sigma.fill_(-6.0)
+    # keys on the 2x2 anchor grid's corners of the region: 0 = top-left, 3 = bottom-right
+    pos = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+    mem = torch.randn(1, 4, 24)
+    ref = qf(mem, None, pos)
+    far = mem.clone()
+    far[0, 3] += 3.0
+    out_far = qf(far, None, pos)
+    torch.testing.assert_close(out_far[0, 0], ref[0, 0])          # anchor 0 (top-left) ignores the bottom-right key
+    assert not torch.allclose(out_far[0, 3], ref[0, 3])           # anchor 3 reads it
+    assert not torch.allclose(out_far[0, 4:], ref[0, 4:])         # so do the free queries
+    near = mem.clone()
+    near[0, 0] += 3.0
+    assert not torch.allclose(qf(near, None, pos)[0, 0], ref[0, 0])
+
+
+def test_anchor_grid_must_fit_the_queries():
+    with pytest.raises(ValueError, match="anchors"):
+        small_qformer(anchors=3)  # 9 anchored queries > 6 queries

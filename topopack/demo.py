@@ -38,8 +38,12 @@ def add_arguments(p):
     g.add_argument("--per-slide", type=int, default=12, help="VQA questions per slide")
     g.add_argument("--mae-steps", type=int, default=60)
     g.add_argument("--connector-steps", type=int, default=100)
-    g.add_argument("--vqa-steps", type=int, default=900)
+    g.add_argument("--vqa-steps", type=int, default=1200)
     g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--family-weights", default="location=3,count=2,size=2",
+                   help="VQA sampling share per question family (default 1): more steps on the hard whole-slide "
+                        "families; the blind control uses the same recipe")
+    g.add_argument("--anchors", type=int, default=3, help="side of the Q-Former's grid of anchored queries (0 = none)")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--qformer-dim", type=int, default=128, help="Q-Former width (512 in the full model)")
     g.add_argument("--threads", type=int, default=1,
@@ -112,7 +116,7 @@ def chance_by_scale(data: Path) -> dict[str, float]:
 def run_pipeline(args) -> dict:
     from topopack.model.encoder import load_encoder
     from topopack.model.evaluate import evaluate, markdown_table
-    from topopack.model.finetune import SummaryCache, finetune
+    from topopack.model.finetune import SummaryCache, finetune, parse_family_weights
     from topopack.model.pretrain import pretrain
     from topopack.model.qformer import QFormerConfig
 
@@ -133,14 +137,16 @@ def run_pipeline(args) -> dict:
                                                      steps=args.mae_steps, seed=args.seed))
     encoder = out / "mae" / "encoder.pt"
     cache = SummaryCache(load_encoder(encoder))  # the frozen encoder runs once per slide for all steps below
-    small = dict(qformer_cfg=QFormerConfig(dim=args.qformer_dim))  # brief defaults otherwise (32 queries, r 128)
+    # brief defaults otherwise (32 queries, r 128)
+    small = dict(qformer_cfg=QFormerConfig(dim=args.qformer_dim, anchors=args.anchors))
     common = dict(batch_size=args.batch_size, seed=args.seed, device="cpu", cache=cache, lr=args.lr)
+    vqa_kw = dict(common, family_weights=parse_family_weights(args.family_weights) or None)
     step("connector (stage A)", lambda: finetune("connector", data, encoder, out / "connector",
                                                  steps=args.connector_steps, **small, **common))
     step("VQA (stage B)", lambda: finetune("vqa", data, encoder, out / "vqa", init=out / "connector",
-                                           steps=args.vqa_steps, **common))
+                                           steps=args.vqa_steps, **vqa_kw))
     step("blind control", lambda: finetune("vqa", data, encoder, out / "blind", init=out / "connector", blind=True,
-                                           steps=args.vqa_steps, **common))
+                                           steps=args.vqa_steps, **vqa_kw))
     real = step("eval", lambda: evaluate(out / "vqa", data, out / "vqa", cache=cache))
     blind = step("eval blind", lambda: evaluate(out / "blind", data, out / "blind", cache=cache))
     chance = chance_by_scale(data)
