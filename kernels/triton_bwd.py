@@ -29,7 +29,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import triton_meta as meta
-from .triton_fwd import _global_range, _strides
+from .triton_fwd import _global_range, _slice, _strides
 
 
 @triton.jit(do_not_specialize=["L"])
@@ -37,13 +37,11 @@ def _bwd_delta(O, DO, DELTA, sob, soh, sol, sod, sdb, sdh, sdl, sdd, H, L,
                HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
     t = pid * BLOCK + tl.arange(0, BLOCK)
     dv = tl.arange(0, BLOCK_DV)
     mask = (t < L)[:, None] & (dv < HEAD_DV)[None, :]
-    o = tl.load(O + off_b * sob + off_h * soh + t[:, None] * sol + dv[None, :] * sod, mask=mask, other=0.0)
-    do = tl.load(DO + off_b * sdb + off_h * sdh + t[:, None] * sdl + dv[None, :] * sdd, mask=mask, other=0.0)
+    o = tl.load(_slice(O, pid_bh, H, sob, soh) + t[:, None] * sol + dv[None, :] * sod, mask=mask, other=0.0)
+    do = tl.load(_slice(DO, pid_bh, H, sdb, sdh) + t[:, None] * sdl + dv[None, :] * sdd, mask=mask, other=0.0)
     tl.store(DELTA + pid_bh.to(tl.int64) * L + t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=t < L)
 
 
@@ -81,12 +79,10 @@ def _patch_bwd(
     PACKS: tl.constexpr = BLOCK_M // K2
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    Q += off_b * sqb + off_h * sqh
-    K += off_b * skb + off_h * skh
-    V += off_b * svb + off_h * svh
-    DO += off_b * sdb + off_h * sdh
+    Q = _slice(Q, pid_bh, H, sqb, sqh)
+    K = _slice(K, pid_bh, H, skb, skh)
+    V = _slice(V, pid_bh, H, svb, svh)
+    DO = _slice(DO, pid_bh, H, sdb, sdh)
     LSE += pid_bh.to(tl.int64) * L
     DELTA += pid_bh.to(tl.int64) * L
     DQ += pid_bh.to(tl.int64) * L * HEAD_D  # grads are contiguous [B, H, L, D]
@@ -193,13 +189,11 @@ def _summary_bwd_dq(
 ):
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    Q += off_b * sqb + off_h * sqh
+    Q = _slice(Q, pid_bh, H, sqb, sqh)
     DQ += pid_bh.to(tl.int64) * L * HEAD_D
-    K += off_b * skb + off_h * skh
-    V += off_b * svb + off_h * svh
-    DO += off_b * sdb + off_h * sdh
+    K = _slice(K, pid_bh, H, skb, skh)
+    V = _slice(V, pid_bh, H, svb, svh)
+    DO = _slice(DO, pid_bh, H, sdb, sdh)
     LSE += pid_bh.to(tl.int64) * L
     DELTA += pid_bh.to(tl.int64) * L
 
@@ -270,14 +264,12 @@ def _summary_bwd_dkv(
 ):
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    Q += off_b * sqb + off_h * sqh
-    K += off_b * skb + off_h * skh
+    Q = _slice(Q, pid_bh, H, sqb, sqh)
+    K = _slice(K, pid_bh, H, skb, skh)
     DK += pid_bh.to(tl.int64) * L * HEAD_D
-    V += off_b * svb + off_h * svh
+    V = _slice(V, pid_bh, H, svb, svh)
     DV += pid_bh.to(tl.int64) * L * HEAD_DV
-    DO += off_b * sdb + off_h * sdh
+    DO = _slice(DO, pid_bh, H, sdb, sdh)
     LSE += pid_bh.to(tl.int64) * L
     DELTA += pid_bh.to(tl.int64) * L
 
@@ -357,12 +349,10 @@ def _global_bwd_split(
     split = tl.program_id(0)
     s = tl.program_id(1)
     pid_bh = tl.program_id(2)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    Q += off_b * sqb + off_h * sqh
-    K += off_b * skb + off_h * skh
-    V += off_b * svb + off_h * svh
-    DO += off_b * sdb + off_h * sdh
+    Q = _slice(Q, pid_bh, H, sqb, sqh)
+    K = _slice(K, pid_bh, H, skb, skh)
+    V = _slice(V, pid_bh, H, svb, svh)
+    DO = _slice(DO, pid_bh, H, sdb, sdh)
     LSE += pid_bh.to(tl.int64) * L
     DELTA += pid_bh.to(tl.int64) * L
     # every token of the slide is a row that sees the global key

@@ -27,6 +27,12 @@ from . import triton_meta as meta
 
 
 @triton.jit
+def _slice(X, pid_bh, H, stride_b, stride_h):
+    """X moved to the (batch, head) slice of program axis pid_bh = b * H + h."""
+    return X + (pid_bh // H).to(tl.int64) * stride_b + (pid_bh % H).to(tl.int64) * stride_h
+
+
+@triton.jit
 def _merge_row_key(m, l, acc, s, v):
     """Online softmax step with one key per row: s [M], v [M, DV] (fp32)."""
     m_new = tl.maximum(m, s)
@@ -64,12 +70,10 @@ def _patch_fwd(
     PACKS: tl.constexpr = BLOCK_M // K2
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    Q += off_b * sqb + off_h * sqh
-    K += off_b * skb + off_h * skh
-    V += off_b * svb + off_h * svh
-    O += off_b * sob + off_h * soh
+    Q = _slice(Q, pid_bh, H, sqb, sqh)
+    K = _slice(K, pid_bh, H, skb, skh)
+    V = _slice(V, pid_bh, H, svb, svh)
+    O = _slice(O, pid_bh, H, sob, soh)
     LSE += pid_bh.to(tl.int64) * L
 
     # rows: slot r % K2 of pack pid * PACKS + r // K2
@@ -133,12 +137,10 @@ def _summary_fwd(
 ):
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    Q += off_b * sqb + off_h * sqh
-    K += off_b * skb + off_h * skh
-    V += off_b * svb + off_h * svh
-    O += off_b * sob + off_h * soh
+    Q = _slice(Q, pid_bh, H, sqb, sqh)
+    K = _slice(K, pid_bh, H, skb, skh)
+    V = _slice(V, pid_bh, H, svb, svh)
+    O = _slice(O, pid_bh, H, sob, soh)
     LSE += pid_bh.to(tl.int64) * L
 
     # rows: the summaries of packs pid * BLOCK_M ...
@@ -226,11 +228,9 @@ def _global_fwd_split(
     split = tl.program_id(0)
     s = tl.program_id(1)
     pid_bh = tl.program_id(2)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    Q += off_b * sqb + off_h * sqh
-    K += off_b * skb + off_h * skh
-    V += off_b * svb + off_h * svh
+    Q = _slice(Q, pid_bh, H, sqb, sqh)
+    K = _slice(K, pid_bh, H, skb, skh)
+    V = _slice(V, pid_bh, H, svb, svh)
     g, lo, hi = _global_range(slide_token_start, s, split, NSPLIT, GLOBAL_SEES_ALL)
 
     d = tl.arange(0, BLOCK_D)
@@ -265,8 +265,6 @@ def _global_fwd_merge(
 ):
     s = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
     g = tl.load(slide_token_start + s)
     part = (pid_bh.to(tl.int64) * S + s) * NSPLIT + tl.arange(0, NSPLIT)  # [NSPLIT]
     dv = tl.arange(0, BLOCK_DV)
@@ -277,7 +275,7 @@ def _global_fwd_merge(
     w = tl.math.exp2(m - m_all)
     l_all = tl.sum(l * w, 0)
     out = tl.sum(acc * w[:, None], 0) / l_all
-    tl.store(O + off_b * sob + off_h * soh + g * sol + dv * sod, out.to(O.dtype.element_ty), mask=dv < HEAD_DV)
+    tl.store(_slice(O, pid_bh, H, sob, soh) + g * sol + dv * sod, out.to(O.dtype.element_ty), mask=dv < HEAD_DV)
     tl.store(LSE + pid_bh.to(tl.int64) * L + g, m_all + tl.math.log2(l_all))
 
 
