@@ -29,7 +29,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import triton_meta as meta
-from .triton_fwd import _global_range, _slice, _strides
+from .triton_fwd import _global_range, _patch_rows, _slice, _strides
 
 
 @triton.jit(do_not_specialize=["L"])
@@ -76,7 +76,6 @@ def _patch_bwd(
     SUM_SEES_PATCHES: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    PACKS: tl.constexpr = BLOCK_M // K2
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     Q = _slice(Q, pid_bh, H, sqb, sqh)
@@ -89,14 +88,7 @@ def _patch_bwd(
     DK += pid_bh.to(tl.int64) * L * HEAD_D
     DV += pid_bh.to(tl.int64) * L * HEAD_DV
 
-    r = tl.arange(0, BLOCK_M)
-    pk = pid * PACKS + r // K2
-    row_ok = (r < PACKS * K2) & (pk < P)
-    pk = tl.where(row_ok, pk, 0)
-    cnt = tl.load(pack_count + pk, mask=row_ok, other=0)
-    row_ok = row_ok & ((r % K2) < cnt)
-    tok = tl.load(pack_start + pk, mask=row_ok, other=0) + r % K2
-    gtok = tl.load(slide_token_start + tl.load(pack_slide + pk, mask=row_ok, other=0), mask=row_ok, other=0)
+    pk, row_ok, tok, gtok = _patch_rows(pid, pack_start, pack_count, pack_slide, slide_token_start, P, K2, BLOCK_M)
 
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)

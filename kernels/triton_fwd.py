@@ -33,6 +33,25 @@ def _slice(X, pid_bh, H, stride_b, stride_h):
 
 
 @triton.jit
+def _patch_rows(pid, pack_start, pack_count, pack_slide, slide_token_start, P,
+                K2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows of patch program pid: slot r % K2 of pack pid * (BLOCK_M // K2) + r // K2.
+
+    Returns (pack, row_ok, token, the global token of the row's slide), each [BLOCK_M].
+    """
+    PACKS: tl.constexpr = BLOCK_M // K2
+    r = tl.arange(0, BLOCK_M)
+    pk = pid * PACKS + r // K2
+    row_ok = (r < PACKS * K2) & (pk < P)
+    pk = tl.where(row_ok, pk, 0)
+    cnt = tl.load(pack_count + pk, mask=row_ok, other=0)
+    row_ok = row_ok & ((r % K2) < cnt)
+    tok = tl.load(pack_start + pk, mask=row_ok, other=0) + r % K2
+    gtok = tl.load(slide_token_start + tl.load(pack_slide + pk, mask=row_ok, other=0), mask=row_ok, other=0)
+    return pk, row_ok, tok, gtok
+
+
+@triton.jit
 def _merge_row_key(m, l, acc, s, v):
     """Online softmax step with one key per row: s [M], v [M, DV] (fp32)."""
     m_new = tl.maximum(m, s)
@@ -67,7 +86,6 @@ def _patch_fwd(
     PATCH_SEES_PATCHES: tl.constexpr, PATCH_SEES_SUMMARY: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    PACKS: tl.constexpr = BLOCK_M // K2
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     Q = _slice(Q, pid_bh, H, sqb, sqh)
@@ -76,15 +94,7 @@ def _patch_fwd(
     O = _slice(O, pid_bh, H, sob, soh)
     LSE += pid_bh.to(tl.int64) * L
 
-    # rows: slot r % K2 of pack pid * PACKS + r // K2
-    r = tl.arange(0, BLOCK_M)
-    pk = pid * PACKS + r // K2  # [BLOCK_M]
-    row_ok = (r < PACKS * K2) & (pk < P)
-    pk = tl.where(row_ok, pk, 0)
-    cnt = tl.load(pack_count + pk, mask=row_ok, other=0)
-    row_ok = row_ok & ((r % K2) < cnt)
-    tok = tl.load(pack_start + pk, mask=row_ok, other=0) + r % K2
-    gtok = tl.load(slide_token_start + tl.load(pack_slide + pk, mask=row_ok, other=0), mask=row_ok, other=0)
+    pk, row_ok, tok, gtok = _patch_rows(pid, pack_start, pack_count, pack_slide, slide_token_start, P, K2, BLOCK_M)
 
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
