@@ -22,12 +22,12 @@ from . import RULES_BY_NAME, TopoLayout, TopoPackAttention
 
 def add_arguments(p):
     g = p.add_argument_group("attention timing (step 1)")
-    g.add_argument("--side", type=int, default=64, help="grid side of the synthetic slide (patches)")
+    g.add_argument("--side", type=int, default=96, help="grid side of the synthetic slide (patches); 96 is the CPU bar")
     g.add_argument("--pack-size", type=int, default=3)
     g.add_argument("--heads", type=int, default=8)
     g.add_argument("--head-dim", type=int, default=64)
     g.add_argument("--rules", choices=sorted(RULES_BY_NAME), default="paper")
-    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--repeats", type=int, default=5)
     g = p.add_argument_group("pipeline (steps 2-7)")
     g.add_argument("--out", default="demo-out")
     g.add_argument("--attention-only", action="store_true", help="stop after the attention timing")
