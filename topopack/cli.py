@@ -22,8 +22,11 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_) in COMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)
-    if not argv or argv[0] not in COMMANDS:
-        parser.parse_args(argv or ["--help"])  # prints help or the error
+    if not argv:
+        parser.print_help()
+        return 2
+    if argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # --help, or an error naming the bad command
         return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
     cmd = argparse.ArgumentParser(prog=f"topopack {argv[0]}", description=COMMANDS[argv[0]][1])
