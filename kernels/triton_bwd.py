@@ -29,7 +29,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import triton_meta as meta
-from .triton_fwd import _global_range, _patch_rows, _slice, _strides
+from .triton_fwd import _global_range, _patch_rows, _slice, _strides, _summary_tile
 
 
 @triton.jit(do_not_specialize=["L"])
@@ -219,15 +219,8 @@ def _summary_bwd_dq(
 
     if SUM_SEES_SUMMARIES:
         for n0 in range(lo, hi, BLOCK_N):
-            kp = n0 + tl.arange(0, BLOCK_N)
-            kok = kp < hi
-            kp = tl.where(kok, kp, P - 1)
-            ktok = tl.load(pack_summary + kp)
-            kslide = tl.load(pack_slide + kp)
-            k = tl.load(K + ktok[:, None] * skl + d[None, :] * skd, mask=kok[:, None] & (d < HEAD_D)[None, :],
-                        other=0.0)  # [BLOCK_N, D]
-            v = tl.load(V + ktok[:, None] * svl + dv[None, :] * svd, mask=kok[:, None] & (dv < HEAD_DV)[None, :],
-                        other=0.0)  # [BLOCK_N, DV]
+            ktok, kslide, kok, k, v = _summary_tile(K, V, n0, hi, P, pack_summary, pack_slide, skl, skd, svl, svd,
+                                                    HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N)  # k [BLOCK_N, D]
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
             allowed = (slide[:, None] == kslide[None, :]) & kok[None, :] & row_ok[:, None]
             p_tile = tl.math.exp2(tl.where(allowed, s - lse[:, None], float("-inf")))  # [BLOCK_M, BLOCK_N]
@@ -280,15 +273,8 @@ def _summary_bwd_dkv(
 
     if SUM_SEES_SUMMARIES:  # every summary row of the key's slide
         for m0 in range(lo, hi, BLOCK_M):
-            rp = m0 + tl.arange(0, BLOCK_M)
-            rok = rp < hi
-            rp = tl.where(rok, rp, P - 1)
-            qtok = tl.load(pack_summary + rp)
-            qslide = tl.load(pack_slide + rp)
-            q = tl.load(Q + qtok[:, None] * sql + d[None, :] * sqd, mask=rok[:, None] & (d < HEAD_D)[None, :],
-                        other=0.0)  # [BLOCK_M, D]
-            do = tl.load(DO + qtok[:, None] * sdl + dv[None, :] * sdd, mask=rok[:, None] & (dv < HEAD_DV)[None, :],
-                         other=0.0)  # [BLOCK_M, DV]
+            qtok, qslide, rok, q, do = _summary_tile(Q, DO, m0, hi, P, pack_summary, pack_slide, sql, sqd, sdl, sdd,
+                                                     HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M)  # q [BLOCK_M, D]
             lse = tl.load(LSE + qtok, mask=rok, other=0.0)
             delta = tl.load(DELTA + qtok, mask=rok, other=0.0)
             s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [BLOCK_N, BLOCK_M]

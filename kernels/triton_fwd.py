@@ -52,6 +52,26 @@ def _patch_rows(pid, pack_start, pack_count, pack_slide, slide_token_start, P,
 
 
 @triton.jit
+def _summary_tile(A, B, start, hi, P, pack_summary, pack_slide, sal, sad, sbl, sbd,
+                  HEAD_A: tl.constexpr, HEAD_B: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """The summary tokens of packs start .. start+BLOCK-1 (those < hi), with their rows of A and B.
+
+    Returns (token, slide, ok) [BLOCK] and A rows [BLOCK, BLOCK_A], B rows [BLOCK, BLOCK_B] (zeros where not ok).
+    """
+    p = start + tl.arange(0, BLOCK)
+    ok = p < hi
+    p = tl.where(ok, p, P - 1)
+    tok = tl.load(pack_summary + p)
+    slide = tl.load(pack_slide + p)
+    ca = tl.arange(0, BLOCK_A)
+    cb = tl.arange(0, BLOCK_B)
+    a = tl.load(A + tok[:, None] * sal + ca[None, :] * sad, mask=ok[:, None] & (ca < HEAD_A)[None, :], other=0.0)
+    b = tl.load(B + tok[:, None] * sbl + cb[None, :] * sbd, mask=ok[:, None] & (cb < HEAD_B)[None, :], other=0.0)
+    return tok, slide, ok, a, b
+
+
+@triton.jit
 def _merge_row_key(m, l, acc, s, v):
     """Online softmax step with one key per row: s [M], v [M, DV] (fp32)."""
     m_new = tl.maximum(m, s)
@@ -192,15 +212,8 @@ def _summary_fwd(
         lo = tl.load(slide_pack_start + tl.load(pack_slide + first))
         hi = tl.load(slide_pack_start + tl.load(pack_slide + last) + 1)
         for n0 in range(lo, hi, BLOCK_N):
-            kp = n0 + tl.arange(0, BLOCK_N)
-            kok = kp < hi
-            kp = tl.where(kok, kp, P - 1)
-            ktok = tl.load(pack_summary + kp)
-            kslide = tl.load(pack_slide + kp)
-            k = tl.load(K + ktok[:, None] * skl + d[None, :] * skd, mask=kok[:, None] & (d < HEAD_D)[None, :],
-                        other=0.0)  # [BLOCK_N, D]
-            v = tl.load(V + ktok[:, None] * svl + dv[None, :] * svd, mask=kok[:, None] & (dv < HEAD_DV)[None, :],
-                        other=0.0)  # [BLOCK_N, DV]
+            ktok, kslide, kok, k, v = _summary_tile(K, V, n0, hi, P, pack_summary, pack_slide, skl, skd, svl, svd,
+                                                    HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N)  # k [BLOCK_N, D]
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
             s = tl.where((slide[:, None] == kslide[None, :]) & kok[None, :], s, float("-inf"))
             m, l, acc = _merge_key_block(m, l, acc, s, v, PREC)
