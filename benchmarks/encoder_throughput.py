@@ -6,30 +6,11 @@
 from __future__ import annotations
 
 import argparse
-import time
-from contextlib import nullcontext
 
 import torch
 
 from topopack import TopoLayout
-from topopack.model.encoder import SlideEncoder, SlideEncoderConfig
-
-
-def time_forward(encoder, x, layout, device, repeats: int) -> float:
-    """Median seconds of one encoder forward (no grad; bf16 autocast on CUDA)."""
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    times = []
-    with torch.no_grad(), amp:
-        for i in range(repeats + 1):  # the first call compiles / autotunes
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            encoder(x, layout)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i:
-                times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+from topopack.model.encoder import SlideEncoder, SlideEncoderConfig, encoder_throughput
 
 
 def main(argv=None) -> None:
@@ -49,8 +30,8 @@ def main(argv=None) -> None:
     for backend in backends:
         for block in encoder.blocks:
             block.attn.backend = backend
-        seconds = time_forward(encoder, x, layout, device, args.repeats)
-        print(f"  {backend:9s} {seconds * 1e3:9.1f} ms/forward  {layout.num_patches / seconds:12,.0f} patches/s")
+        rate = encoder_throughput(encoder, layout, x, args.repeats)
+        print(f"  {backend:9s} {layout.num_patches / rate * 1e3:9.1f} ms/forward  {rate:12,.0f} patches/s")
 
 
 if __name__ == "__main__":

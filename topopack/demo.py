@@ -1,9 +1,11 @@
-"""`make demo`: time the attention on a synthetic slide, then run the whole Hepato-LLaVA pipeline on CPU.
+"""`make demo`: time the attention on a synthetic slide, then run the whole Hepato-LLaVA pipeline
+(on the GPU with the Triton kernels when there is one, else on the CPU with the portable path).
 
 Steps (embedded defaults, nothing downloaded):
   1. attention: build a layout, time TopoPackAttention against dense SDPA (a few seconds);
   2. data: synthetic training and held-out slides (separate seeds) + VQA / caption JSON (topopack.synth, vqa_data);
   3. MAE: quick pretraining of the slide encoder on the training slides (topopack.model.pretrain);
+     on CUDA also the encoder's throughput, Triton against portable, on a large synthetic grid;
   4. connector: Q-Former on captions, tiny LLM frozen; 5. VQA: Q-Former + LoRA on the VQA;
   6. blind control: the same VQA training with the visual tokens zeroed;
   7. eval on the held-out slides by scale -> OUT/eval.json, OUT/eval.md.
@@ -28,6 +30,9 @@ def add_arguments(p):
     g.add_argument("--head-dim", type=int, default=64)
     g.add_argument("--rules", choices=sorted(RULES_BY_NAME), default="paper")
     g.add_argument("--repeats", type=int, default=5)
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--backend", default="auto", help="attention backend of the encoder: auto (triton on CUDA, "
+                                                     "portable on the CPU), triton, portable, flex, reference")
     g = p.add_argument_group("pipeline (steps 2-7)")
     g.add_argument("--out", default="demo-out")
     g.add_argument("--attention-only", action="store_true", help="stop after the attention timing")
@@ -48,39 +53,47 @@ def add_arguments(p):
     g.add_argument("--qformer-dim", type=int, default=128, help="Q-Former width (512 in the full model)")
     g.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads for the small models (1 is fastest for them on a busy 2-core CPU)")
+    g.add_argument("--throughput-side", type=int, default=192,
+                   help="grid side of the slide the encoder throughput is measured on (CUDA only)")
     g.add_argument("--seed", type=int, default=0)
 
 
-def median_ms(fn, repeats: int) -> float:
+def median_ms(fn, repeats: int, device: torch.device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()  # warm-up
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return 1e3 * sorted(times)[len(times) // 2]
 
 
 def time_attention(args) -> None:
     """Step 1: the main job on one synthetic slide -- build the layout, run the layer, time it against dense."""
-    rules = RULES_BY_NAME[args.rules]
+    rules, device = RULES_BY_NAME[args.rules], torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()
-    layout = TopoLayout.from_grid(args.side, args.side, args.pack_size)
+    layout = TopoLayout.from_grid(args.side, args.side, args.pack_size, device=device)
     build_ms = 1e3 * (time.perf_counter() - t0)
     dim = args.heads * args.head_dim
-    layer = TopoPackAttention(dim, args.heads, rules=rules, backend="auto").eval()
-    x = layout.tokens_from_patches(torch.randn(1, layout.num_patches, dim))
-    q, k, v = (torch.randn(1, args.heads, layout.num_tokens, args.head_dim) for _ in range(3))
+    layer = TopoPackAttention(dim, args.heads, rules=rules, backend=args.backend).to(device, dtype).eval()
+    x = layout.tokens_from_patches(torch.randn(1, layout.num_patches, dim, device=device, dtype=dtype))
+    q, k, v = (torch.randn(1, args.heads, layout.num_tokens, args.head_dim, device=device, dtype=dtype)
+               for _ in range(3))
     print(f"{layout}  (built in {build_ms:.1f} ms)")
     print(f"rules={rules.name}: {layout.num_allowed_pairs(rules):,} allowed pairs = "
           f"{100 * layout.sparsity(rules):.2f}% of dense attention")
     with torch.no_grad():
         y = layer(x, layout)
-        layer_ms = median_ms(lambda: layer(x, layout), args.repeats)
+        layer_ms = median_ms(lambda: layer(x, layout), args.repeats, device)
         from .attention import topo_pack_attention
-        sparse_ms = median_ms(lambda: topo_pack_attention(q, k, v, layout, rules=rules), args.repeats)
-        dense_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), max(1, args.repeats // 2))
-    print(f"TopoPackAttention layer: out {tuple(y.shape)}, {layer_ms:.1f} ms")
+        sparse_ms = median_ms(lambda: topo_pack_attention(q, k, v, layout, rules=rules, backend=args.backend),
+                              args.repeats, device)
+        dense_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), max(1, args.repeats // 2), device)
+    print(f"TopoPackAttention layer ({device.type}, {str(dtype)[6:]}): out {tuple(y.shape)}, {layer_ms:.1f} ms")
     print(f"attention forward, median of {args.repeats}: topopack {sparse_ms:.1f} ms, "
           f"dense SDPA (no mask) {dense_ms:.1f} ms -> speed-up {dense_ms / sparse_ms:.1f}x")
 
@@ -113,6 +126,30 @@ def chance_by_scale(data: Path) -> dict[str, float]:
     return {s: chance_accuracy([r for r in recs if r["scale"] == s]) for s in ("WSI", "ROI", "Patch")}
 
 
+def device_label(device) -> str:
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def measure_throughput(encoder_path: Path, args) -> dict:
+    """Patches/s of the demo's encoder on a throughput_side^2 synthetic grid, triton against portable (CUDA)."""
+    from topopack.model.encoder import encoder_throughput, load_encoder
+
+    device = torch.device(args.device)
+    enc = load_encoder(encoder_path, map_location=device).eval()
+    layout = TopoLayout.from_grid(args.throughput_side, args.throughput_side, enc.cfg.pack_size, device=device)
+    x = torch.randn(1, layout.num_patches, enc.cfg.in_dim, device=device)
+    result = {"patches": layout.num_patches, "device": device_label(device)}
+    for backend in ("triton", "portable"):
+        for block in enc.blocks:
+            block.attn.backend = backend
+        result[f"{backend}_patches_per_s"] = round(encoder_throughput(enc, layout, x))
+        print(f"encoder throughput, {backend:8s}: {result[f'{backend}_patches_per_s']:>12,} patches/s "
+              f"({layout.num_patches:,} patches, bf16)")
+    result["speedup"] = round(result["triton_patches_per_s"] / result["portable_patches_per_s"], 2)
+    return result
+
+
 def run_pipeline(args) -> dict:
     from topopack.model.encoder import load_encoder
     from topopack.model.evaluate import evaluate, markdown_table
@@ -134,12 +171,16 @@ def run_pipeline(args) -> dict:
 
     data = step("data", lambda: make_data(out, args))
     mae = step("MAE pretraining", lambda: pretrain("mae", out / "slides" / "train", out / "mae", quick=True,
-                                                     steps=args.mae_steps, seed=args.seed))
+                                                     steps=args.mae_steps, seed=args.seed, device=args.device,
+                                                     backend=args.backend))
     encoder = out / "mae" / "encoder.pt"
-    cache = SummaryCache(load_encoder(encoder))  # the frozen encoder runs once per slide for all steps below
+    throughput = (step("encoder throughput", lambda: measure_throughput(encoder, args))
+                  if torch.device(args.device).type == "cuda" else None)
+    # the frozen encoder runs once per slide for all steps below
+    cache = SummaryCache(load_encoder(encoder, backend=args.backend), args.device)
     # brief defaults otherwise (32 queries, r 128)
     small = dict(qformer_cfg=QFormerConfig(dim=args.qformer_dim, anchors=args.anchors))
-    common = dict(batch_size=args.batch_size, seed=args.seed, device="cpu", cache=cache, lr=args.lr)
+    common = dict(batch_size=args.batch_size, seed=args.seed, device=args.device, cache=cache, lr=args.lr)
     vqa_kw = dict(common, family_weights=parse_family_weights(args.family_weights) or None)
     step("connector (stage A)", lambda: finetune("connector", data, encoder, out / "connector",
                                                  steps=args.connector_steps, **small, **common))
@@ -147,8 +188,8 @@ def run_pipeline(args) -> dict:
                                            steps=args.vqa_steps, **vqa_kw))
     step("blind control", lambda: finetune("vqa", data, encoder, out / "blind", init=out / "connector", blind=True,
                                            steps=args.vqa_steps, **vqa_kw))
-    real = step("eval", lambda: evaluate(out / "vqa", data, out / "vqa", cache=cache))
-    blind = step("eval blind", lambda: evaluate(out / "blind", data, out / "blind", cache=cache))
+    real = step("eval", lambda: evaluate(out / "vqa", data, out / "vqa", cache=cache, device=args.device))
+    blind = step("eval blind", lambda: evaluate(out / "blind", data, out / "blind", cache=cache, device=args.device))
     chance = chance_by_scale(data)
     scales = {}
     for s, m in real["scales"].items():
@@ -163,7 +204,9 @@ def run_pipeline(args) -> dict:
     result = {"scales": scales, "acceptance": acceptance, "families": real["families"],
               "blind_families": blind["families"],
               "mae": {k: v for k, v in (mae or {}).items() if k.startswith("heldout_")},
-              "wall_s": wall, "timings_s": timings}
+              "wall_s": wall, "timings_s": timings, "device": device_label(args.device), "backend": args.backend}
+    if throughput:
+        result["encoder_throughput"] = throughput
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     table = markdown_table(real, {"blind_single_choice": {s: v["blind_single_choice"] for s, v in scales.items()}})
     (out / "eval.md").write_text(table)
