@@ -76,6 +76,9 @@ def _patch_bwd(
     SUM_SEES_PATCHES: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    # inductor passes Python floats as fp64; keep the softmax state in fp32
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    sm_scale = tl.cast(sm_scale, tl.float32)
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     Q = _slice(Q, pid_bh, H, sqb, sqh)
@@ -179,6 +182,9 @@ def _summary_bwd_dq(
     SUM_SEES_PATCHES: tl.constexpr, SUM_SEES_SUMMARIES: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    # inductor passes Python floats as fp64; keep the softmax state in fp32
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    sm_scale = tl.cast(sm_scale, tl.float32)
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     Q = _slice(Q, pid_bh, H, sqb, sqh)
@@ -247,6 +253,9 @@ def _summary_bwd_dkv(
     SUM_SEES_SUMMARIES: tl.constexpr, PATCH_SEES_SUMMARY: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    # inductor passes Python floats as fp64; keep the softmax state in fp32
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    sm_scale = tl.cast(sm_scale, tl.float32)
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     Q = _slice(Q, pid_bh, H, sqb, sqh)
@@ -323,6 +332,8 @@ def _global_bwd_split(
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr,
 ):
+    # inductor passes Python floats as fp64; keep the softmax state in fp32
+    qk_scale = tl.cast(qk_scale, tl.float32)
     """Split `split` of slide s: its rows' grads on the global key, and the global row's dq on its keys."""
     split = tl.program_id(0)
     s = tl.program_id(1)
@@ -382,6 +393,8 @@ def _global_bwd_merge(
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     NSPLIT: tl.constexpr,
 ):
+    # inductor passes Python floats as fp64; keep the softmax state in fp32
+    sm_scale = tl.cast(sm_scale, tl.float32)
     """Fixed-order sum of the split partials -> the global token's dq, dk, dv."""
     s = tl.program_id(0)
     pid_bh = tl.program_id(1)

@@ -106,6 +106,8 @@ def _patch_fwd(
     PATCH_SEES_PATCHES: tl.constexpr, PATCH_SEES_SUMMARY: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    # inductor passes Python floats as fp64; keep the softmax state in fp32
+    qk_scale = tl.cast(qk_scale, tl.float32)
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     Q = _slice(Q, pid_bh, H, sqb, sqh)
@@ -165,6 +167,8 @@ def _summary_fwd(
     SUM_SEES_PATCHES: tl.constexpr, SUM_SEES_SUMMARIES: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    # inductor passes Python floats as fp64; keep the softmax state in fp32
+    qk_scale = tl.cast(qk_scale, tl.float32)
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     Q = _slice(Q, pid_bh, H, sqb, sqh)
@@ -248,6 +252,8 @@ def _global_fwd_split(
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr,
 ):
+    # inductor passes Python floats as fp64; keep the softmax state in fp32
+    qk_scale = tl.cast(qk_scale, tl.float32)
     split = tl.program_id(0)
     s = tl.program_id(1)
     pid_bh = tl.program_id(2)

@@ -175,6 +175,7 @@ def test_gpu_dtypes(dtype, rules, k):
 
 # Compiles every kernel for sm_90 (fp16, head_dim 64, every rule flag on, first autotune config)
 # without a GPU: the interpreter forgives what the compiler rejects (e.g. loop-carried types).
+# The scales are typed fp64, as inductor passes Python floats under torch.compile.
 COMPILE_FOR_SM90 = r"""
 import triton
 from triton.backends.compiler import GPUTarget
@@ -193,7 +194,7 @@ for kernel in (F._patch_fwd, F._summary_fwd, F._global_fwd_split, F._global_fwd_
     given = dict(K2=9, PREC="tf32", NSPLIT=2, BLOCK=64, **dims, **flags,
                  **(kernel.configs[0].kwargs if hasattr(kernel, "configs") else {}))
     consts = {n: given[n] for n in fn.arg_names if n in given}
-    sig = {n: "constexpr" if n in consts else POINTERS.get(n, "fp32" if n.endswith("scale") else
+    sig = {n: "constexpr" if n in consts else POINTERS.get(n, "fp64" if n.endswith("scale") else
            "*i64" if n.islower() and ("pack" in n or "slide" in n) else "i32") for n in fn.arg_names}
     triton.compile(ASTSource(fn, sig, {(fn.arg_names.index(n),): v for n, v in consts.items()}),
                    target=GPUTarget("cuda", 90, 32))
