@@ -12,8 +12,12 @@ Steps (embedded defaults, nothing downloaded):
 """
 from __future__ import annotations
 
+import argparse
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -56,6 +60,9 @@ def add_arguments(p):
     g.add_argument("--throughput-side", type=int, default=192,
                    help="grid side of the slide the encoder throughput is measured on (CUDA only)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--parallel-blind", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the blind control in a second process alongside stage B (default: on the CPU "
+                        "when there are 2+ cores)")
 
 
 def median_ms(fn, repeats: int, device: torch.device) -> float:
@@ -150,6 +157,24 @@ def measure_throughput(encoder_path: Path, args) -> dict:
     return result
 
 
+def quiet_worker() -> None:
+    os.environ["TQDM_DISABLE"] = "1"  # one progress bar on the terminal: the main process's
+
+
+def train_blind(data, encoder, out, init, steps, kw) -> dict:
+    """The blind control: stage B with the visual tokens zeroed (a top-level function, so a process pool can run it;
+    there it builds its own summary cache and keeps quiet)."""
+    from topopack.model.encoder import load_encoder
+    from topopack.model.finetune import SummaryCache, finetune
+
+    kw = dict(kw)
+    backend, threads = kw.pop("backend"), kw.pop("threads")
+    if kw["cache"] is None:
+        torch.set_num_threads(threads)
+        kw["cache"] = SummaryCache(load_encoder(encoder, backend=backend), kw["device"])
+    return finetune("vqa", data, encoder, out, init=init, blind=True, steps=steps, desc="blind control", **kw)
+
+
 def run_pipeline(args) -> dict:
     from topopack.model.encoder import load_encoder
     from topopack.model.evaluate import evaluate, markdown_table
@@ -184,10 +209,17 @@ def run_pipeline(args) -> dict:
     vqa_kw = dict(common, family_weights=parse_family_weights(args.family_weights) or None)
     step("connector (stage A)", lambda: finetune("connector", data, encoder, out / "connector",
                                                  steps=args.connector_steps, **small, **common))
-    step("VQA (stage B)", lambda: finetune("vqa", data, encoder, out / "vqa", init=out / "connector",
-                                           steps=args.vqa_steps, **vqa_kw))
-    step("blind control", lambda: finetune("vqa", data, encoder, out / "blind", init=out / "connector", blind=True,
-                                           steps=args.vqa_steps, **vqa_kw))
+    vqa = lambda: finetune("vqa", data, encoder, out / "vqa", init=out / "connector", steps=args.vqa_steps, **vqa_kw)
+    blind_kw = dict(vqa_kw, cache=None, backend=args.backend, threads=max(1, args.threads))
+    blind_job = (data, encoder, out / "blind", out / "connector", args.vqa_steps, blind_kw)
+    if args.parallel_blind:  # the control trains in a second process, on the second core
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=quiet_worker) as pool:
+            blind_future = pool.submit(train_blind, *blind_job)
+            step("VQA (stage B) + blind control alongside", vqa)
+            blind_future.result()
+    else:
+        step("VQA (stage B)", vqa)
+        step("blind control", lambda: train_blind(*blind_job))
     real = step("eval", lambda: evaluate(out / "vqa", data, out / "vqa", cache=cache, device=args.device))
     blind = step("eval blind", lambda: evaluate(out / "blind", data, out / "blind", cache=cache, device=args.device))
     chance = chance_by_scale(data)
@@ -222,6 +254,8 @@ def main(args) -> int:
     time_attention(args)
     if args.attention_only:
         return 0
+    if args.parallel_blind is None:
+        args.parallel_blind = torch.device(args.device).type == "cpu" and (os.cpu_count() or 1) >= 2
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, args.threads))
     try:
