@@ -7,7 +7,8 @@ Steps (embedded defaults, nothing downloaded):
   3. MAE: quick pretraining of the slide encoder on the training slides (topopack.model.pretrain);
      on CUDA also the encoder's throughput, Triton against portable, on a large synthetic grid;
   4. connector: Q-Former on captions, tiny LLM frozen; 5. VQA: Q-Former + LoRA on the VQA;
-  6. blind control: the same VQA training with the visual tokens zeroed;
+  6. blind control: the same VQA training with the visual tokens zeroed (on a multi-core CPU in a second
+     process, alongside step 5);
   7. eval on the held-out slides by scale -> OUT/eval.json, OUT/eval.md.
 """
 from __future__ import annotations
