@@ -1,4 +1,5 @@
-"""The `topopack` console script: dispatch, help, and the demo's attention step."""
+"""The `topopack` console script: dispatch, help, the demo's attention step and its pipeline on a tiny config."""
+import json
 import re
 
 import pytest
@@ -24,3 +25,22 @@ def test_demo_attention_step_reports_sparsity_and_speedup(capsys):
     assert "patches=144" in out
     assert re.search(r"\d+\.\d+% of dense attention", out)
     assert re.search(r"speed-up \d+\.\d+x", out)
+
+
+TINY_DEMO = ["demo", "--side", "6", "--repeats", "1", "--train-slides", "6", "--test-slides", "3", "--mae-steps", "2",
+             "--connector-steps", "2", "--vqa-steps", "3", "--per-slide", "4", "--qformer-dim", "32"]
+
+
+def test_demo_pipeline_blind_control_alongside_equals_sequential(tmp_path):
+    """The blind control trained in a second process ends where the in-process run ends: same loss, same answers."""
+    results = {}
+    for mode in ("--parallel-blind", "--no-parallel-blind"):
+        out = tmp_path / mode.strip("-")
+        assert main(TINY_DEMO + ["--out", str(out), mode]) == 0
+        metrics = json.loads((out / "blind" / "metrics.json").read_text())
+        evaluation = json.loads((out / "eval.json").read_text())
+        assert evaluation["device"] == "cpu" and set(evaluation["scales"]) == {"WSI", "ROI", "Patch"}
+        preds = (out / "blind" / "predictions.jsonl").read_text()
+        results[mode] = (metrics["final_loss"], metrics["steps"], preds)
+    assert results["--parallel-blind"][1] == 3
+    assert results["--parallel-blind"] == results["--no-parallel-blind"]
