@@ -332,9 +332,9 @@ def _global_bwd_split(
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr,
 ):
+    """Split `split` of slide s: its rows' grads on the global key, and the global row's dq on its keys."""
     # inductor passes Python floats as fp64; keep the softmax state in fp32
     qk_scale = tl.cast(qk_scale, tl.float32)
-    """Split `split` of slide s: its rows' grads on the global key, and the global row's dq on its keys."""
     split = tl.program_id(0)
     s = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -393,9 +393,9 @@ def _global_bwd_merge(
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     NSPLIT: tl.constexpr,
 ):
+    """Fixed-order sum of the split partials -> the global token's dq, dk, dv."""
     # inductor passes Python floats as fp64; keep the softmax state in fp32
     sm_scale = tl.cast(sm_scale, tl.float32)
-    """Fixed-order sum of the split partials -> the global token's dq, dk, dv."""
     s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     row = pid_bh.to(tl.int64) * L + tl.load(slide_token_start + s)  # grads are contiguous [B, H, L, D]
