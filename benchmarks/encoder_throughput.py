@@ -27,10 +27,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     encoder = SlideEncoder(SlideEncoderConfig(in_dim=args.in_dim)).to(device).eval()
     print(f"slide encoder (6 layers, width 512, 8 heads) on {layout}, {device}")
-    for backend in backends:
-        for block in encoder.blocks:
-            block.attn.backend = backend
-        rate = encoder_throughput(encoder, layout, x, args.repeats)
+    for backend, rate in encoder_throughput(encoder, layout, x, backends, args.repeats).items():
         print(f"  {backend:9s} {layout.num_patches / rate * 1e3:9.1f} ms/forward  {rate:12,.0f} patches/s")
 
 

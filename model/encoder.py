@@ -7,7 +7,6 @@ summary and global tokens start as the mean of their pack / slide unless given.
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
@@ -16,6 +15,7 @@ from torch import nn
 
 from topopack import RULES_BY_NAME, TopoLayout, TopoPackAttention
 from topopack.layout import _segment_mean
+from topopack.timing import median_seconds
 
 from .trainer import atomic_save
 
@@ -142,23 +142,27 @@ class SlideEncoder(nn.Module):
 
 
 @torch.no_grad()
-def encoder_throughput(encoder: SlideEncoder, layout: TopoLayout, features: torch.Tensor, repeats: int = 5) -> float:
-    """Patches per second of ``encoder`` on one slide: the median of ``repeats`` timed forwards after a warm-up
-    (which compiles and autotunes); bf16 autocast on CUDA."""
+def encoder_throughput(encoder: SlideEncoder, layout: TopoLayout, features: torch.Tensor, backends,
+                       repeats: int = 5) -> dict[str, float]:
+    """Patches per second of ``encoder`` on one slide with each attention backend: the median of ``repeats`` timed
+    forwards after a warm-up (which compiles and autotunes); bf16 autocast on CUDA. The blocks' backend is restored."""
     cuda = features.device.type == "cuda"
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    times = []
-    with amp:
-        for i in range(repeats + 1):
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            encoder(features, layout)
-            if cuda:
-                torch.cuda.synchronize()
-            if i:
-                times.append(time.perf_counter() - t0)
-    return layout.num_patches / sorted(times)[len(times) // 2]
+    saved = [block.attn.backend for block in encoder.blocks]
+    rates = {}
+    try:
+        for backend in backends:
+            for block in encoder.blocks:
+                block.attn.backend = backend
+
+            def forward():
+                with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
+                    encoder(features, layout)
+
+            rates[backend] = layout.num_patches / median_seconds(forward, repeats, features.device)
+    finally:
+        for block, backend in zip(encoder.blocks, saved):
+            block.attn.backend = backend
+    return rates
 
 
 def save_encoder(path, encoder: SlideEncoder) -> None:

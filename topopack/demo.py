@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import RULES_BY_NAME, TopoLayout, TopoPackAttention
+from .timing import median_seconds
 
 
 def add_arguments(p):
@@ -66,19 +67,6 @@ def add_arguments(p):
                         "when there are 2+ cores)")
 
 
-def median_ms(fn, repeats: int, device: torch.device) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * sorted(times)[len(times) // 2]
-
-
 def time_attention(args) -> None:
     """Step 1: the main job on one synthetic slide -- build the layout, run the layer, time it against dense."""
     rules, device = RULES_BY_NAME[args.rules], torch.device(args.device)
@@ -96,11 +84,11 @@ def time_attention(args) -> None:
           f"{100 * layout.sparsity(rules):.2f}% of dense attention")
     with torch.no_grad():
         y = layer(x, layout)
-        layer_ms = median_ms(lambda: layer(x, layout), args.repeats, device)
+        layer_ms = 1e3 * median_seconds(lambda: layer(x, layout), args.repeats, device)
         from .attention import topo_pack_attention
-        sparse_ms = median_ms(lambda: topo_pack_attention(q, k, v, layout, rules=rules, backend=args.backend),
+        sparse_ms = 1e3 * median_seconds(lambda: topo_pack_attention(q, k, v, layout, rules=rules, backend=args.backend),
                               args.repeats, device)
-        dense_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), max(1, args.repeats // 2), device)
+        dense_ms = 1e3 * median_seconds(lambda: F.scaled_dot_product_attention(q, k, v), max(1, args.repeats // 2), device)
     print(f"TopoPackAttention layer ({device.type}, {str(dtype)[6:]}): out {tuple(y.shape)}, {layer_ms:.1f} ms")
     print(f"attention forward, median of {args.repeats}: topopack {sparse_ms:.1f} ms, "
           f"dense SDPA (no mask) {dense_ms:.1f} ms -> speed-up {dense_ms / sparse_ms:.1f}x")
@@ -148,12 +136,9 @@ def measure_throughput(encoder_path: Path, args) -> dict:
     layout = TopoLayout.from_grid(args.throughput_side, args.throughput_side, enc.cfg.pack_size, device=device)
     x = torch.randn(1, layout.num_patches, enc.cfg.in_dim, device=device)
     result = {"patches": layout.num_patches, "device": device_label(device)}
-    for backend in ("triton", "portable"):
-        for block in enc.blocks:
-            block.attn.backend = backend
-        result[f"{backend}_patches_per_s"] = round(encoder_throughput(enc, layout, x))
-        print(f"encoder throughput, {backend:8s}: {result[f'{backend}_patches_per_s']:>12,} patches/s "
-              f"({layout.num_patches:,} patches, bf16)")
+    for backend, rate in encoder_throughput(enc, layout, x, ("triton", "portable")).items():
+        result[f"{backend}_patches_per_s"] = round(rate)
+        print(f"encoder throughput, {backend:8s}: {round(rate):>12,} patches/s ({layout.num_patches:,} patches, bf16)")
     result["speedup"] = round(result["triton_patches_per_s"] / result["portable_patches_per_s"], 2)
     return result
 
@@ -211,16 +196,16 @@ def run_pipeline(args) -> dict:
     step("connector (stage A)", lambda: finetune("connector", data, encoder, out / "connector",
                                                  steps=args.connector_steps, **small, **common))
     vqa = lambda: finetune("vqa", data, encoder, out / "vqa", init=out / "connector", steps=args.vqa_steps, **vqa_kw)
-    blind_kw = dict(vqa_kw, cache=None, backend=args.backend, threads=max(1, args.threads))
-    blind_job = (data, encoder, out / "blind", out / "connector", args.vqa_steps, blind_kw)
-    if args.parallel_blind:  # the control trains in a second process, on the second core
+    blind_job = (data, encoder, out / "blind", out / "connector", args.vqa_steps)
+    blind_kw = dict(vqa_kw, backend=args.backend, threads=max(1, args.threads))
+    if args.parallel_blind:  # the control trains in a second process, on the second core, with its own cache
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=quiet_worker) as pool:
-            blind_future = pool.submit(train_blind, *blind_job)
+            blind_future = pool.submit(train_blind, *blind_job, dict(blind_kw, cache=None))
             step("VQA (stage B) + blind control alongside", vqa)
             blind_future.result()
     else:
         step("VQA (stage B)", vqa)
-        step("blind control", lambda: train_blind(*blind_job))
+        step("blind control", lambda: train_blind(*blind_job, blind_kw))
     real = step("eval", lambda: evaluate(out / "vqa", data, out / "vqa", cache=cache, device=args.device))
     blind = step("eval blind", lambda: evaluate(out / "blind", data, out / "blind", cache=cache, device=args.device))
     chance = chance_by_scale(data)
