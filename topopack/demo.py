@@ -42,20 +42,22 @@ def add_arguments(p):
     g = p.add_argument_group("pipeline (steps 2-7)")
     g.add_argument("--out", default="demo-out")
     g.add_argument("--attention-only", action="store_true", help="stop after the attention timing")
-    g.add_argument("--train-slides", type=int, default=540)
+    g.add_argument("--train-slides", type=int, default=4000,
+                   help="synthetic training slides (cheap to make; the nodule count needs thousands to generalise)")
     g.add_argument("--test-slides", type=int, default=60)
     g.add_argument("--min-patches", type=int, default=300)
     g.add_argument("--max-patches", type=int, default=900)
     g.add_argument("--per-slide", type=int, default=12, help="VQA questions per slide")
     g.add_argument("--mae-steps", type=int, default=60)
-    g.add_argument("--connector-steps", type=int, default=100)
-    g.add_argument("--vqa-steps", type=int, default=1200)
+    g.add_argument("--connector-steps", type=int, default=400)
+    g.add_argument("--vqa-steps", type=int, default=2000)
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--family-weights", default="location=3,count=2,size=2",
                    help="VQA sampling share per question family (default 1): more steps on the hard whole-slide "
                         "families; the blind control uses the same recipe")
     g.add_argument("--anchors", type=int, default=3, help="side of the Q-Former's grid of anchored queries (0 = none)")
-    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--lr", type=float, default=3e-4,
+                   help="stages A and B (3e-4 learned the whole-slide families better than 1e-3 or 1e-4)")
     g.add_argument("--qformer-dim", type=int, default=128, help="Q-Former width (512 in the full model)")
     g.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads for the small models (1 is fastest for them on a busy 2-core CPU)")
