@@ -306,11 +306,11 @@ def add_arguments(p) -> None:
     p.add_argument("--tiny-dim", type=int, default=TinyLlamaConfig.hidden_size, help="embedded LLM width")
     p.add_argument("--tiny-layers", type=int, default=TinyLlamaConfig.num_hidden_layers)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add_train_arguments(p, steps=300, lr=1e-3, ckpt_every=100, warmup=0.05)
+    add_train_arguments(p, steps=300, lr=3e-4, ckpt_every=100, warmup=0.05)
 
 
 def finetune(stage: str, data, encoder_path, out, *, llm=None, init=None, blind=False, batch_size=16, steps=300,
-             lr=1e-3, resume=False, device="cpu", qformer_cfg=None, tiny=None, lora=None, seed=0, desc=None,
+             lr=3e-4, resume=False, device="cpu", qformer_cfg=None, tiny=None, lora=None, seed=0, desc=None,
              train_kw=None, stop_after=None, cache: SummaryCache | None = None, sampling: str = "family",
              family_weights: dict[str, float] | None = None) -> dict:
     """Python entry point of `topopack finetune`; returns the training result and writes the model directory."""
