@@ -84,13 +84,16 @@ def time_attention(args) -> None:
     print(f"{layout}  (built in {build_ms:.1f} ms)")
     print(f"rules={rules.name}: {layout.num_allowed_pairs(rules):,} allowed pairs = "
           f"{100 * layout.sparsity(rules):.2f}% of dense attention")
+    from .attention import topo_pack_attention
+
+    def median_ms(fn, repeats=args.repeats):
+        return 1e3 * median_seconds(fn, repeats, device)
+
     with torch.no_grad():
         y = layer(x, layout)
-        layer_ms = 1e3 * median_seconds(lambda: layer(x, layout), args.repeats, device)
-        from .attention import topo_pack_attention
-        sparse_ms = 1e3 * median_seconds(lambda: topo_pack_attention(q, k, v, layout, rules=rules, backend=args.backend),
-                              args.repeats, device)
-        dense_ms = 1e3 * median_seconds(lambda: F.scaled_dot_product_attention(q, k, v), max(1, args.repeats // 2), device)
+        layer_ms = median_ms(lambda: layer(x, layout))
+        sparse_ms = median_ms(lambda: topo_pack_attention(q, k, v, layout, rules=rules, backend=args.backend))
+        dense_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), max(1, args.repeats // 2))
     print(f"TopoPackAttention layer ({device.type}, {str(dtype)[6:]}): out {tuple(y.shape)}, {layer_ms:.1f} ms")
     print(f"attention forward, median of {args.repeats}: topopack {sparse_ms:.1f} ms, "
           f"dense SDPA (no mask) {dense_ms:.1f} ms -> speed-up {dense_ms / sparse_ms:.1f}x")
