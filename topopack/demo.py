@@ -52,7 +52,7 @@ def add_arguments(p):
     g.add_argument("--connector-steps", type=int, default=400)
     g.add_argument("--vqa-steps", type=int, default=2000)
     g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--family-weights", default="location=3,count=2,size=2",
+    g.add_argument("--family-weights", default="location=8,count=4,size=2",
                    help="VQA sampling share per question family (default 1): more steps on the hard whole-slide "
                         "families; the blind control uses the same recipe")
     g.add_argument("--anchors", type=int, default=3, help="side of the Q-Former's grid of anchored queries (0 = none)")
