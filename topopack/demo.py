@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import RULES_BY_NAME, TopoLayout, TopoPackAttention
+from . import RULES_BY_NAME, TopoLayout, TopoPackAttention, topo_pack_attention
 from .timing import median_seconds
 
 
@@ -84,7 +84,6 @@ def time_attention(args) -> None:
     print(f"{layout}  (built in {build_ms:.1f} ms)")
     print(f"rules={rules.name}: {layout.num_allowed_pairs(rules):,} allowed pairs = "
           f"{100 * layout.sparsity(rules):.2f}% of dense attention")
-    from .attention import topo_pack_attention
 
     def median_ms(fn, repeats=args.repeats):
         return 1e3 * median_seconds(fn, repeats, device)
