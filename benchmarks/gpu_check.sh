@@ -18,7 +18,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
 } 2>&1 | tee "$OUT/gpu_bench.log"
 
 SECONDS=0
-timeout 220 python3 -m topopack.cli demo --device cuda --backend triton --side 192 --out /tmp/demo-gpu \
+timeout 220 python3 -m topopack.model.cli demo --device cuda --backend triton --side 192 --out /tmp/demo-gpu \
     --train-slides 300 --vqa-steps 600 > "$OUT/gpu_demo.log" 2>&1 &
 demo=$!
 TOPOPACK_TRITON_AUTOTUNE=0 timeout 200 python3 -m pytest -q -x -p no:cacheprovider --durations=8 tests/test_triton.py \

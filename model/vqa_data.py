@@ -1,4 +1,4 @@
-"""Synthetic hierarchical VQA (LLaVA-style JSON) from slides with labels and facts (topopack.synth).
+"""Synthetic hierarchical VQA (LLaVA-style JSON) from slides with labels and facts (topopack.model.synth).
 
 One record per question::
 
@@ -34,7 +34,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from topopack.io import find_slides, load_slide, split_slides
-from topopack.synth import LOCATIONS, MARGIN, SIZE_CLASSES, TISSUE_CLASSES, TUMOR
+from topopack.model.synth import LOCATIONS, MARGIN, SIZE_CLASSES, TISSUE_CLASSES, TUMOR
 
 SCALES = ("WSI", "ROI", "Patch")
 TYPES = ("single_choice", "multi_choice", "open", "caption")
@@ -88,7 +88,7 @@ def _slide_candidates(idx: int, path, pack_size: int, rng, roi_boxes: int) -> tu
     """The slide's facts and every question it can answer: one per WSI family, one per clean pack, ROI boxes."""
     slide = load_slide(path)
     if slide.labels is None or slide.facts is None:
-        raise VQAError(f"{path}: needs 'labels' and 'facts' (write it with topopack.synth)")
+        raise VQAError(f"{path}: needs 'labels' and 'facts' (write it with topopack.model.synth)")
     f = slide.facts
     nc = len(TISSUE_CLASSES)
     out = [_Candidate("tumor", idx, "yes" if f["has_tumor"] else "no", None),

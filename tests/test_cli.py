@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from topopack.cli import COMMANDS, main
+from topopack.model.cli import COMMANDS, main
 
 
 def test_no_command_prints_help(capsys):

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def world(tmp_path_factory):
     """Six small synthetic slides, caption/VQA JSON (train = 4 slides, test = 2), a tiny random encoder."""
     from topopack.model.vqa_data import generate_captions, generate_vqa, write_json
-    from topopack.synth import write_synthetic
+    from topopack.model.synth import write_synthetic
 
     root = tmp_path_factory.mktemp("ft")
     slides = write_synthetic(root / "slides", 6, seed=3, min_patches=300, max_patches=420, progress=False)
@@ -37,7 +37,7 @@ def world(tmp_path_factory):
 
 
 def test_stages_eval_and_ask(world):
-    from topopack.cli import main as cli
+    from topopack.model.cli import main as cli
     from topopack.model.ask import ask
     from topopack.model.evaluate import evaluate
 
@@ -97,7 +97,7 @@ def test_resume_matches_uninterrupted(world):
 
 def test_local_hf_checkpoint_through_llm(world, tmp_path):
     """A tiny HF model saved with save_pretrained trains through --llm (CLI) and generates."""
-    from topopack.cli import main as cli
+    from topopack.model.cli import main as cli
 
     root, data, enc = world
     tok = build_tokenizer([t["conversations"][0]["value"] for t in load_records(data, "vqa")])

@@ -14,7 +14,7 @@ from topopack.model.mae import MAE, MAEConfig, mask_slides
 from topopack.model.moco import MoCo, MoCoConfig, contrast_batch, pack_neighbours
 from topopack.model.pretrain import crop, pretrain, sample_crops, split_heldout
 from topopack.model.trainer import batch_generator
-from topopack.synth import write_synthetic
+from topopack.model.synth import write_synthetic
 
 C = 8
 TINY = dict(dim=16, depth=1, heads=2, mlp_dim=32, dec_dim=16, dec_heads=2, max_patches=40, slides_per_batch=2,
@@ -205,7 +205,7 @@ def test_torchrun_two_processes(tmp_path, data):
         args += [f"--{k.replace('_', '-')}", str(v)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "topopack.cli", "pretrain", *args], env=env, capture_output=True, text=True, timeout=300)
+                           "-m", "topopack.model.cli", "pretrain", *args], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 3

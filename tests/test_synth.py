@@ -1,11 +1,11 @@
-"""topopack.synth: reproducible, anatomically sensible synthetic slides."""
+"""topopack.model.synth: reproducible, anatomically sensible synthetic slides."""
 import numpy as np
 import pytest
 import torch
 
-from topopack.cli import main as cli_main
+from topopack.model.cli import main as cli_main
 from topopack.io import load_slide, load_slides
-from topopack.synth import (LOCATIONS, MARGIN, NECROSIS, SEPTA, SIZE_CLASSES, TISSUE_CLASSES, TUMOR,
+from topopack.model.synth import (LOCATIONS, MARGIN, NECROSIS, SEPTA, SIZE_CLASSES, TISSUE_CLASSES, TUMOR,
                             class_prototypes, make_slide, size_class, write_synthetic)
 
 

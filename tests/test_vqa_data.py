@@ -10,7 +10,7 @@ import torch
 from topopack.io import load_slide
 from topopack.model.vqa_data import (FAMILIES, MIN_PRESENT, VQAError, answer_stats, chance_accuracy, generate_captions,
                                      generate_vqa, load_vqa, make_vqa_files, slide_path, validate_record, write_json)
-from topopack.synth import TISSUE_CLASSES, TUMOR, write_synthetic
+from topopack.model.synth import TISSUE_CLASSES, TUMOR, write_synthetic
 
 K = 3
 

@@ -6,7 +6,7 @@ the level-0 patch size. TRIDENT writes ``patch_size_level0`` as an attribute of 
 (level-0 size = patch_size * downsample). Attributes are looked up on ``coords`` first,
 then on the file. Optional datasets: ``summary_features`` [packs, C], ``global_features``
 [C], ``labels`` [N] (int tissue class) and a ``facts`` attribute (a JSON string), the
-last two written by the synthetic generator (topopack.synth).
+last two written by the synthetic generator (topopack.model.synth).
 
 Every problem is reported as a ``SlideError`` naming the file and what is wrong.
 """
@@ -272,7 +272,7 @@ def load_slides(directory, pattern: str | Sequence[str] = ("*.h5", "*.pt"), patc
 def split_slides(paths: Sequence, heldout: float = 0.2) -> tuple[list, list]:
     """Deterministic (train, held-out) split of sorted slide paths: the last ceil(heldout * n) are held out.
 
-    With topopack.synth's stratified plan, any run of consecutive slides is balanced.
+    With topopack.model.synth's stratified plan, any run of consecutive slides is balanced.
     """
     paths = sorted(paths, key=str)
     if not 0 <= heldout < 1:

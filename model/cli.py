@@ -7,8 +7,8 @@ import sys
 
 # name -> (module with add_arguments(parser) and main(args), one-line help)
 COMMANDS = {
-    "demo": ("topopack.demo", "run the main job on synthetic slides"),
-    "synth": ("topopack.synth", "write synthetic slides in the TRIDENT h5 format"),
+    "demo": ("topopack.model.demo", "run the main job on synthetic slides"),
+    "synth": ("topopack.model.synth", "write synthetic slides in the TRIDENT h5 format"),
     "pretrain": ("topopack.model.pretrain", "pretrain the slide encoder (MAE or MoCo)"),
     "finetune": ("topopack.model.finetune", "train the connector and LoRA LLM (connector or vqa stage)"),
     "eval": ("topopack.model.evaluate", "score a fine-tuned model on held-out VQA"),

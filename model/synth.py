@@ -260,7 +260,7 @@ def write_synthetic(out, slides: int, seed: int = 0, *, min_patches: int = 300, 
     """Write ``slides`` synthetic slides to ``out`` (slide_000.h5, ...); slide i depends only on (seed, i)."""
     from tqdm import tqdm
 
-    from .io import save_slide
+    from topopack.io import save_slide
 
     if slides < 1 or not 1 <= min_patches <= max_patches:
         raise ValueError(f"need slides >= 1 and 1 <= min_patches <= max_patches, got {slides}, {min_patches}, {max_patches}")
@@ -302,14 +302,14 @@ def main(args) -> int:
     t0 = time.perf_counter()
     paths = write_synthetic(args.out, args.slides, args.seed, min_patches=args.min_patches,
                             max_patches=args.max_patches, dim=args.dim, patch_size=args.patch_size, fmt=args.format)
-    from .io import load_slide
+    from topopack.io import load_slide
 
     facts = [load_slide(p).facts for p in paths]
     sizes = [sum(f["class_counts"].values()) for f in facts]
     print(f"wrote {len(paths)} slides to {args.out} in {time.perf_counter() - t0:.1f} s: "
           f"{min(sizes)}-{max(sizes)} patches, {sum(f['has_tumor'] for f in facts)} with tumour")
     if args.vqa:
-        from .model.vqa_data import answer_stats, load_vqa, make_vqa_files
+        from .vqa_data import answer_stats, load_vqa, make_vqa_files
 
         files = make_vqa_files(args.out, seed=args.seed, per_slide=args.per_slide, heldout=args.heldout)
         for name, path in files.items():

@@ -3,7 +3,7 @@
 
 Steps (embedded defaults, nothing downloaded):
   1. attention: build a layout, time TopoPackAttention against dense SDPA (a few seconds);
-  2. data: synthetic training and held-out slides (separate seeds) + VQA / caption JSON (topopack.synth, vqa_data);
+  2. data: synthetic training and held-out slides (separate seeds) + VQA / caption JSON (topopack.model.synth, vqa_data);
   3. MAE: quick pretraining of the slide encoder on the training slides (topopack.model.pretrain);
      on CUDA also the encoder's throughput, Triton against portable, on a large synthetic grid;
   4. connector: Q-Former on captions, tiny LLM frozen; 5. VQA: Q-Former + LoRA on the VQA;
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import RULES_BY_NAME, TopoLayout, TopoPackAttention, topo_pack_attention
-from .timing import median_seconds
+from topopack import RULES_BY_NAME, TopoLayout, TopoPackAttention, topo_pack_attention
+from topopack.timing import median_seconds
 
 
 def add_arguments(p):
