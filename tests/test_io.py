@@ -105,7 +105,7 @@ def bad_cases(tmp_path):
         "inf_coords.h5": (lambda p: write_h5(p, f4, inf_c, attrs), r"'coords' contains NaN or inf"),
         "off_grid.h5": (lambda p: write_h5(p, f4, GOOD_COORDS + [[0, 0], [0, 0], [3, 0], [0, 0]], attrs),
                         r"not on the patch grid"),
-        "duplicate.h5": (lambda p: write_h5(p, f4, GOOD_COORDS[[0, 1, 1, 3]], attrs), r"duplicate coords"),
+        "duplicate.h5": (lambda p: write_h5(p, f4, GOOD_COORDS[[0, 1, 2, 2]], attrs), r"duplicate coords"),
         "empty.h5": (lambda p: write_h5(p, np.zeros((0, 3)), np.zeros((0, 2)), attrs), r"zero patches"),
         "mismatch.h5": (lambda p: write_h5(p, np.ones((5, 3)), GOOD_COORDS, attrs), r"mismatched lengths: 5 features but 4"),
         "wrong_dims.h5": (lambda p: write_h5(p, np.ones((4, 3, 2)), GOOD_COORDS, attrs), r"'features' must be 2-D"),
@@ -183,3 +183,47 @@ def test_layout_cache_and_origin(tmp_path):
     assert torch.equal(lay.pack_cell, ref.pack_cell) and torch.equal(lay.patch_token, ref.patch_token)
     with pytest.raises(SlideError, match=r"c\.h5: coords lie before the given origin"):
         slide.layout(3, origin=(slide.origin[0] + 100, slide.origin[1]))
+
+
+def grid_coords(cols, rows, step, origin=(1000, 2000)):
+    """Level-0 top-left coords of every cell of a cols x rows grid with the given step."""
+    cy, cx = np.divmod(np.arange(cols * rows), cols)
+    return np.stack([origin[0] + cx * step, origin[1] + cy * step], 1)
+
+
+def cell_layout(cols, rows, k=3):
+    """Reference layout of a full cols x rows grid, built from integer cells."""
+    return TopoLayout.from_coords(torch.as_tensor(grid_coords(cols, rows, 1, (0, 0))), 1, k)
+
+
+@pytest.mark.parametrize("attrs", [{"patch_size": 256}, {"patch_size_level0": 256, "patch_size": 256}])
+def test_patch_size_smaller_than_coords_step_is_an_error(tmp_path, attrs):
+    """CLAM at level 1 without downsample (or a wrong patch_size_level0): coords step 512, attribute 256."""
+    rng = np.random.default_rng(0)
+    path = write_h5(tmp_path / "clam.h5", rng.normal(size=(36, 4)), grid_coords(6, 6, 512), attrs)
+    attr = "patch_size_level0" if "patch_size_level0" in attrs else "patch_size"
+    msg = rf"clam\.h5: .*step by 512 .*patch size is 256.*patch_size=512 / --patch-size 512.*'{attr}'"
+    with pytest.raises(SlideError, match=msg):
+        load_slide(path)
+    passed = r"clam\.h5: .*step by 512 .*patch size is 256 \(patch_size=256 as passed.*patch_size=512"
+    with pytest.raises(SlideError, match=passed):
+        load_slide(path, patch_size=256)  # an override is checked the same way
+    with pytest.raises(SlideError, match=r"clam\.h5: coords are not on the patch grid.*512.*1024"):
+        load_slide(path, patch_size=1024)  # must divide the step
+    slide = load_slide(path, patch_size=512)
+    ref = cell_layout(6, 6)
+    lay = slide.layout(3)
+    assert lay.num_packs == 4 and torch.equal(lay.pack_patch_count, ref.pack_patch_count)
+    assert torch.equal(lay.patch_token, ref.patch_token) and torch.equal(lay.pack_cell, ref.pack_cell)
+    with pytest.raises(SlideError, match=r"clam\.h5: .*step by 512.*patch_size=512"):
+        load_slides(tmp_path)
+    assert len(load_slides(tmp_path, patch_size=512)) == 1
+
+
+@pytest.mark.parametrize("cols,rows", [(1, 1), (1, 7), (7, 1)])
+def test_single_row_or_column_loads(tmp_path, cols, rows):
+    """An axis with one patch position has no step to check: such slides load with the file's patch size."""
+    coords = grid_coords(cols, rows, 512)
+    path = write_h5(tmp_path / "line.h5", np.ones((len(coords), 2)), coords, {"patch_size_level0": 512})
+    slide = load_slide(path)
+    assert slide.patch_size == 512 and slide.layout(3).num_packs == -(-max(cols, rows) // 3)

@@ -139,15 +139,19 @@ def _scalar(path, name, value) -> float:
     return float(arr[0])
 
 
-def _patch_size(path, raw: dict, override: int | None) -> int:
+def _patch_size(path, raw: dict, override: int | None) -> tuple[int, str, str | None]:
+    """(level-0 patch size, where it came from, the file attribute(s) to fix or None for an override)."""
     if override is not None:
-        size = float(override)
+        size, source, attr = float(override), f"patch_size={override} as passed", None
     elif "patch_size_level0" in raw:
         size = _scalar(path, "patch_size_level0", raw["patch_size_level0"])
+        source, attr = "the file's 'patch_size_level0' attribute", "'patch_size_level0' attribute"
     elif "patch_size" in raw:
         size = _scalar(path, "patch_size", raw["patch_size"])
+        source, attr = "the file's 'patch_size' attribute", "'patch_size' attribute"
         if "downsample" in raw:
             size *= _scalar(path, "downsample", raw["downsample"])
+            source, attr = "the file's 'patch_size' x 'downsample' attributes", "'patch_size' / 'downsample' attributes"
         elif "patch_level" in raw and _scalar(path, "patch_level", raw["patch_level"]) != 0:
             raise SlideError(f"{path}: has patch_size at patch_level {raw['patch_level']} but no 'downsample' "
                              "attribute, so the level-0 patch size is unknown (pass patch_size=...)")
@@ -156,7 +160,35 @@ def _patch_size(path, raw: dict, override: int | None) -> int:
                          "'coords' or the file (pass patch_size=...)")
     if not (np.isfinite(size) and size > 0 and abs(size - round(size)) < 1e-6):
         raise SlideError(f"{path}: level-0 patch size must be a positive integer, got {size}")
-    return int(round(size))
+    return int(round(size)), source, attr
+
+
+def _steps(coords: np.ndarray) -> list[int]:
+    """Per axis (x, y): the gcd of the offsets from the smallest coordinate; 0 where all patches share one."""
+    offsets = coords - coords.min(0)
+    return [int(np.gcd.reduce(offsets[:, a])) for a in range(2)]
+
+
+def _check_grid(path, coords: np.ndarray, size: int, source: str, attr: str | None) -> None:
+    """The coords must step by exactly the patch size along every axis with more than one patch position.
+
+    A larger step (e.g. CLAM at level 1 read as level 0) would put adjacent patches cells apart.
+    """
+    steps = _steps(coords)
+    for a, g in enumerate(steps):
+        if g % size:
+            off = (coords[:, a] - coords[:, a].min()) % size
+            row = int(np.flatnonzero(off)[0])
+            raise SlideError(f"{path}: coords are not on the patch grid: along {'xy'[a]} they step by {g} pixels, "
+                             f"not a multiple of the level-0 patch size {size} ({source}); first off-grid: "
+                             f"row {row} {coords[row].tolist()}")
+    wide = [(g, a) for a, g in enumerate(steps) if g > size]
+    if wide:
+        g, a = min(wide)
+        fix = f"pass patch_size={g} / --patch-size {g}" + (f", or fix the file's {attr}" if attr else "")
+        raise SlideError(f"{path}: the coords step by {g} pixels along {'xy'[a]} but the level-0 patch size is "
+                         f"{size} ({source}), so adjacent patches would be {g // size} cells apart and the packs "
+                         f"would be wrong: {fix}")
 
 
 def _facts(path, value) -> dict:
@@ -209,8 +241,10 @@ def load_slide(path, patch_size: int | None = None) -> Slide:
     _finite(path, "coords", coords)
     if (coords != np.round(coords)).any():
         raise SlideError(f"{path}: coords are not on the patch grid: they must be integer pixel positions")
+    coords = coords.astype(np.int64)
     n, c = feats.shape
-    size = _patch_size(path, raw, patch_size)
+    size, source, attr = _patch_size(path, raw, patch_size)
+    _check_grid(path, coords, size, source, attr)
 
     extras: dict = {}
     if raw.get("summary_features") is not None:
@@ -235,7 +269,7 @@ def load_slide(path, patch_size: int | None = None) -> Slide:
     if raw.get("facts") is not None:
         extras["facts"] = _facts(path, raw["facts"])
 
-    slide = Slide(str(path), torch.from_numpy(feats), torch.from_numpy(coords.astype(np.int64)), size, **extras)
+    slide = Slide(str(path), torch.from_numpy(feats), torch.from_numpy(coords), size, **extras)
     try:  # grid and duplicate checks (TopoLayout.from_coords); the layout is cached for later use
         slide.layout(pack_size=3)
     except SlideError as e:
