@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from topopack import RULES_BY_NAME, TopoLayout, TopoPackAttention, topo_pack_attention
-from topopack.timing import median_seconds
+from topopack.model.timing import median_seconds
 
 
 def add_arguments(p):

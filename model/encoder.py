@@ -15,7 +15,7 @@ from torch import nn
 
 from topopack import RULES_BY_NAME, TopoLayout, TopoPackAttention
 from topopack.layout import _segment_mean
-from topopack.timing import median_seconds
+from topopack.model.timing import median_seconds
 
 from .trainer import atomic_save
 
