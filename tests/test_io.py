@@ -227,3 +227,23 @@ def test_single_row_or_column_loads(tmp_path, cols, rows):
     path = write_h5(tmp_path / "line.h5", np.ones((len(coords), 2)), coords, {"patch_size_level0": 512})
     slide = load_slide(path)
     assert slide.patch_size == 512 and slide.layout(3).num_packs == -(-max(cols, rows) // 3)
+
+
+@pytest.mark.parametrize("attrs,problem", [
+    ({"patch_size": 256, "patch_level": 1}, r"patch_level 1 but no 'downsample'"),  # CLAM at level 1
+    ({}, r"missing the patch size"),
+])
+def test_unknown_level0_patch_size_asks_for_the_override(tmp_path, attrs, problem):
+    coords = grid_coords(6, 6, 512)
+    path = write_h5(tmp_path / "clam.h5", np.ones((36, 2)), coords, attrs)
+    fix = r"coords step by 512.*pass patch_size=512 to load_slide / load_slides \(--patch-size 512"
+    with pytest.raises(SlideError, match=rf"clam\.h5: .*{problem}.*{fix}"):
+        load_slide(path)
+    with pytest.raises(SlideError, match=rf"clam\.h5: .*{problem}.*{fix}"):
+        load_slides(tmp_path)
+    ref = cell_layout(6, 6)
+    for slide in (load_slide(path, patch_size=512), load_slides(tmp_path, patch_size=512)[0]):
+        assert slide.patch_size == 512 and torch.equal(slide.layout(3).pack_cell, ref.pack_cell)
+    single = write_h5(tmp_path / "one.h5", np.ones((1, 2)), coords[:1], attrs)
+    with pytest.raises(SlideError, match=r"one\.h5: .*pass patch_size=<level-0 patch size> to load_slide"):
+        load_slide(single)  # one patch: no step to suggest

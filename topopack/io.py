@@ -139,7 +139,16 @@ def _scalar(path, name, value) -> float:
     return float(arr[0])
 
 
-def _patch_size(path, raw: dict, override: int | None) -> tuple[int, str, str | None]:
+def _override_hint(coords: np.ndarray) -> str:
+    """How to pass the level-0 patch size, with the coords step as the likely value."""
+    g = min((g for g in _steps(coords) if g > 0), default=0)
+    if not g:
+        return "pass patch_size=<level-0 patch size> to load_slide / load_slides (--patch-size on the command line)"
+    return (f"the coords step by {g} pixels, so it is probably {g}: pass patch_size={g} to load_slide / load_slides "
+            f"(--patch-size {g} on the command line)")
+
+
+def _patch_size(path, raw: dict, coords: np.ndarray, override: int | None) -> tuple[int, str, str | None]:
     """(level-0 patch size, where it came from, the file attribute(s) to fix or None for an override)."""
     if override is not None:
         size, source, attr = float(override), f"patch_size={override} as passed", None
@@ -153,11 +162,12 @@ def _patch_size(path, raw: dict, override: int | None) -> tuple[int, str, str | 
             size *= _scalar(path, "downsample", raw["downsample"])
             source, attr = "the file's 'patch_size' x 'downsample' attributes", "'patch_size' / 'downsample' attributes"
         elif "patch_level" in raw and _scalar(path, "patch_level", raw["patch_level"]) != 0:
-            raise SlideError(f"{path}: has patch_size at patch_level {raw['patch_level']} but no 'downsample' "
-                             "attribute, so the level-0 patch size is unknown (pass patch_size=...)")
+            level = _scalar(path, "patch_level", raw["patch_level"])
+            raise SlideError(f"{path}: has patch_size {size:g} at patch_level {level:g} but no 'downsample' attribute, "
+                             f"so the level-0 patch size is unknown; {_override_hint(coords)}")
     else:
         raise SlideError(f"{path}: missing the patch size: no 'patch_size_level0' or 'patch_size' attribute on "
-                         "'coords' or the file (pass patch_size=...)")
+                         f"'coords' or the file; {_override_hint(coords)}")
     if not (np.isfinite(size) and size > 0 and abs(size - round(size)) < 1e-6):
         raise SlideError(f"{path}: level-0 patch size must be a positive integer, got {size}")
     return int(round(size)), source, attr
@@ -208,7 +218,9 @@ def _facts(path, value) -> dict:
 def load_slide(path, patch_size: int | None = None) -> Slide:
     """Read and validate one feature file (.h5 TRIDENT/CLAM or .pt dict).
 
-    ``patch_size`` overrides the level-0 patch size for files that do not store it.
+    ``patch_size`` (the commands' --patch-size) overrides the level-0 patch size: needed for files that do
+    not store it, CLAM files at patch_level > 0 without 'downsample', and files whose attribute is wrong.
+    Either way the coords must step by exactly that size along every axis with more than one patch.
     """
     path = Path(path)
     if path.suffix.lower() not in SUFFIXES:
@@ -243,7 +255,7 @@ def load_slide(path, patch_size: int | None = None) -> Slide:
         raise SlideError(f"{path}: coords are not on the patch grid: they must be integer pixel positions")
     coords = coords.astype(np.int64)
     n, c = feats.shape
-    size, source, attr = _patch_size(path, raw, patch_size)
+    size, source, attr = _patch_size(path, raw, coords, patch_size)
     _check_grid(path, coords, size, source, attr)
 
     extras: dict = {}
