@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from topopack.model.config import positive_float, positive_int
 from topopack.model.regions import check_box
+from topopack.model.vlm import MAX_NEW_TOKENS
 
 DEFAULT_MODEL = "demo-out/vqa"
 
@@ -16,22 +18,22 @@ class Assistant:
     """A loaded model: ``assistant(slide, question, region=None, sample=False, temperature=1.0) -> str``."""
 
     def __init__(self, model_dir=DEFAULT_MODEL, device="cpu"):
-        from topopack.model.finetune import SummaryCache, load_model
+        from topopack.model.model_dir import load_model
+        from topopack.model.summaries import SummaryCache
 
         self.vlm, encoder, self.meta = load_model(model_dir, device=device)
         self.vlm.eval()
         self.cache = SummaryCache(encoder, device)
 
     def __call__(self, slide, question: str, region=None, *, sample: bool = False, temperature: float = 1.0,
-                 max_new_tokens: int = 32, seed: int | None = None) -> str:
+                 max_new_tokens: int = MAX_NEW_TOKENS, seed: int | None = None) -> str:
         from topopack.model.vlm import Sample, tokenize_turn
 
         box = None if region is None else list(check_box(region))
         before, after, _ = tokenize_turn(self.vlm.tokenizer, question)
         mem, pos = self.cache.region(slide, box)
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
         return self.vlm.answer([Sample(before, after, None, mem, pos)], sample=sample, temperature=temperature,
-                               max_new_tokens=max_new_tokens, generator=gen)[0]
+                               max_new_tokens=max_new_tokens, seed=seed)[0]
 
 
 _LOADED: dict = {}
@@ -58,9 +60,9 @@ def add_arguments(p) -> None:
     p.add_argument("--region", default=None, help="x0,y0,x1,y1 in level-0 pixels (default: the whole slide)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model directory from `topopack finetune --stage vqa`")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=positive_float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="seed for --sample")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -90,7 +90,7 @@ def _parser_type(f: Field, base):
             raise argparse.ArgumentTypeError(problem)
         return value
 
-    convert.__name__ = base.__name__
+    convert.__name__ = getattr(base, "__name__", "value")
     return convert
 
 
@@ -130,3 +130,22 @@ def config_from_args(cls, args, *, prefix: str = "", **overrides):
     """``cls`` from the flags add_config_arguments added (a field absent from ``args`` keeps its default)."""
     kw = {f.name: getattr(args, prefix + f.name) for f in fields(cls) if hasattr(args, prefix + f.name)}
     return cls(**{**kw, **overrides})
+
+
+def _checked(base, check: Check):
+    def convert(text: str):
+        try:
+            value = base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {base.__name__}, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"must be {check.text}, got {text}")
+        return value
+
+    convert.__name__ = base.__name__
+    return convert
+
+
+# argparse types for flags outside a config dataclass
+positive_int = _checked(int, POSITIVE)
+positive_float = _checked(float, POSITIVE)

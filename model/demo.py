@@ -119,7 +119,7 @@ def make_data(out: Path, args) -> Path:
 
 
 def chance_by_scale(data: Path) -> dict[str, float]:
-    from topopack.model.finetune import load_records
+    from topopack.model.records import load_records
     from topopack.model.vqa_data import chance_accuracy
 
     recs = load_records(data, "eval")
@@ -155,7 +155,8 @@ def train_blind(data, encoder, out, init, steps, kw) -> dict:
     """The blind control: stage B with the visual tokens zeroed (a top-level function, so a process pool can run it;
     there it builds its own summary cache and keeps quiet)."""
     from topopack.model.encoder import load_encoder
-    from topopack.model.finetune import SummaryCache, finetune
+    from topopack.model.finetune import finetune
+    from topopack.model.summaries import SummaryCache
 
     kw = dict(kw)
     backend, threads = kw.pop("backend"), kw.pop("threads")
@@ -168,7 +169,8 @@ def train_blind(data, encoder, out, init, steps, kw) -> dict:
 def run_pipeline(args) -> dict:
     from topopack.model.encoder import load_encoder
     from topopack.model.evaluate import evaluate, markdown_table
-    from topopack.model.finetune import SummaryCache, finetune, parse_family_weights
+    from topopack.model.finetune import finetune
+    from topopack.model.summaries import SummaryCache
     from topopack.model.pretrain import pretrain
     from topopack.model.qformer import QFormerConfig
 
@@ -196,7 +198,7 @@ def run_pipeline(args) -> dict:
     # brief defaults otherwise (32 queries, r 128)
     small = dict(qformer_cfg=QFormerConfig(dim=args.qformer_dim, anchors=args.anchors))
     common = dict(batch_size=args.batch_size, seed=args.seed, device=args.device, cache=cache, lr=args.lr)
-    vqa_kw = dict(common, family_weights=parse_family_weights(args.family_weights) or None)
+    vqa_kw = dict(common, family_weights=args.family_weights or None)
     step("connector (stage A)", lambda: finetune("connector", data, encoder, out / "connector",
                                                  steps=args.connector_steps, **small, **common))
     vqa = lambda: finetune("vqa", data, encoder, out / "vqa", init=out / "connector", steps=args.vqa_steps, **vqa_kw)

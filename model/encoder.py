@@ -17,6 +17,7 @@ from topopack import RULES_BY_NAME, TopoLayout, TopoPackAttention
 from topopack.layout import _segment_mean
 from topopack.model.timing import median_seconds
 
+from .config import FRACTION, NON_NEGATIVE, POSITIVE, option, validate
 from .trainer import atomic_save
 
 
@@ -24,23 +25,21 @@ from .trainer import atomic_save
 class SlideEncoderConfig:
     """Defaults follow the authors' slide encoder (width 512, 6 blocks, 8 heads, packs of 3x3)."""
 
-    in_dim: int                 # width of the input patch features
-    dim: int = 512
-    depth: int = 6
-    heads: int = 8
-    mlp_dim: int = 2048
-    dropout: float = 0.1
-    pack_size: int = 3
-    rules: str = "paper"        # key of topopack.RULES_BY_NAME
-    pos_embed: bool = False     # add 2D sin-cos of grid cells (off in the authors' code)
-    center_input: bool = False  # subtract each slide's mean patch feature first (removes slide-wide stain shifts)
-    backend: str = "auto"       # attention backend, see topopack.topo_pack_attention
+    in_dim: int = option(help="width of the input patch features (read from the data)", check=POSITIVE, cli=False)
+    dim: int = option(512, "encoder width", check=POSITIVE)
+    depth: int = option(6, "transformer blocks", check=NON_NEGATIVE)
+    heads: int = option(8, "attention heads", check=POSITIVE)
+    mlp_dim: int = option(2048, "FFN width", check=POSITIVE)
+    dropout: float = option(0.1, "dropout", check=FRACTION)
+    pack_size: int = option(3, "pack side k (k x k patches per pack)", check=POSITIVE)
+    rules: str = option("paper", "attention rules", choices=tuple(RULES_BY_NAME))
+    pos_embed: bool = option(False, "add a 2D sin-cos code of the grid cells (off in the authors' code)")
+    center_input: bool = option(True, "subtract each slide's mean patch feature first (removes slide-wide stain "
+                                      "shifts)")
+    backend: str = option("auto", "attention backend: auto, triton, portable, flex, reference")
 
     def __post_init__(self):
-        if self.rules not in RULES_BY_NAME:
-            raise ValueError(f"rules must be one of {sorted(RULES_BY_NAME)}, got {self.rules!r}")
-        if self.in_dim < 1 or self.dim < 1 or self.depth < 0 or self.mlp_dim < 1:
-            raise ValueError(f"in_dim, dim, mlp_dim must be positive and depth >= 0, got {self}")
+        validate(self)
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} must be a multiple of heads {self.heads}")
         if self.pos_embed and self.dim % 4:

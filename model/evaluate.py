@@ -16,6 +16,9 @@ from pathlib import Path
 
 import torch
 
+from topopack.model.config import positive_int
+from topopack.model.vlm import MAX_NEW_TOKENS
+
 SCALES = ("WSI", "ROI", "Patch")
 
 
@@ -129,15 +132,17 @@ def predict(vlm, samples, batch_size: int = 32, **gen_kw) -> list[str]:
 
 
 def evaluate(model_dir, data, out=None, *, device="cpu", batch_size: int = 32, limit: int | None = None,
-             cache=None) -> dict:
+             cache=None, max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
     """Score ``model_dir`` on the VQA records in ``data``; writes metrics.json, eval.md, predictions.jsonl to out."""
-    from topopack.model.finetune import SummaryCache, load_model, load_records, make_samples
+    from topopack.model.model_dir import load_model
+    from topopack.model.records import load_records
+    from topopack.model.summaries import SummaryCache, make_samples
     from topopack.model.trainer import write_metrics
 
     vlm, encoder, meta = load_model(model_dir, device=device)
     records = load_records(data, "eval")[:limit]
     samples = make_samples(records, vlm.tokenizer, cache or SummaryCache(encoder, device), with_answer=False)
-    preds = predict(vlm, samples, batch_size)
+    preds = predict(vlm, samples, batch_size, max_new_tokens=max_new_tokens)
     metrics = score_records(records, preds)
     metrics["model"], metrics["blind"] = str(model_dir), bool(meta.get("blind"))
     out = Path(out or model_dir)
@@ -155,13 +160,14 @@ def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="model directory written by `topopack finetune`")
     p.add_argument("--data", required=True, help="held-out VQA JSON file, or a directory with vqa_test.json")
     p.add_argument("--out", default=None, help="where to write metrics.json and eval.md (default: the model dir)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--limit", type=int, default=None, help="score only the first N questions")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--limit", type=positive_int, default=None, help="score only the first N questions")
+    p.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS, help="answer length cap")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def main(args) -> int:
     metrics = evaluate(args.model, args.data, args.out, device=args.device, batch_size=args.batch_size,
-                       limit=args.limit)
+                       limit=args.limit, max_new_tokens=args.max_new_tokens)
     print(markdown_table(metrics))
     return 0

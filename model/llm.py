@@ -14,6 +14,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .config import FRACTION, POSITIVE, option, validate
+
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 # always in the default vocabulary, so digits, letters and punctuation never become <unk>
 BASE_TEXT = " ".join(list("abcdefghijklmnopqrstuvwxyz0123456789") + list(".,;:?!()[]+-/%'\"") +
@@ -23,26 +25,39 @@ BASE_TEXT = " ".join(list("abcdefghijklmnopqrstuvwxyz0123456789") + list(".,;:?!
 @dataclass
 class TinyLlamaConfig:
     """The embedded default LLM (randomly initialised, trained by the finetuning stages)."""
-    hidden_size: int = 128
-    intermediate_size: int = 256
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    max_position_embeddings: int = 1024
+    hidden_size: int = option(128, "embedded LLM width", check=POSITIVE)
+    intermediate_size: int = option(256, "embedded LLM FFN width", check=POSITIVE)
+    num_hidden_layers: int = option(2, "embedded LLM layers", check=POSITIVE)
+    num_attention_heads: int = option(4, "embedded LLM heads", check=POSITIVE)
+    max_position_embeddings: int = option(1024, "embedded LLM context length", check=POSITIVE)
+
+    def __post_init__(self):
+        validate(self)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of num_attention_heads "
+                             f"{self.num_attention_heads}")
 
 
 @dataclass
 class LoraSettings:
     """LoRA on the LLM's linear layers except lm_head (peft ``all-linear``) unless target_modules is given."""
-    r: int = 128
-    alpha: int = 256
-    dropout: float = 0.05
-    target_modules: list[str] | str = "all-linear"
-    modules_to_save: list[str] | None = None
+    r: int = option(128, "LoRA rank", check=POSITIVE)
+    alpha: int = option(256, "LoRA alpha", check=POSITIVE)
+    dropout: float = option(0.05, "LoRA dropout", check=FRACTION)
+    target_modules: str = option("all-linear", "'all-linear' (all but lm_head) or comma-separated module names")
+    modules_to_save: list[str] | None = option(
+        None, "comma-separated modules trained in full next to LoRA (peft modules_to_save); default: lm_head for "
+              "the embedded LLM (its random output head), none for --llm")
+
+    def __post_init__(self):
+        validate(self)
 
     def peft_config(self):
         from peft import LoraConfig, TaskType
+        targets = self.target_modules if self.target_modules == "all-linear" else [
+            t.strip() for t in self.target_modules.split(",") if t.strip()]
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=self.target_modules, modules_to_save=self.modules_to_save,
+                          target_modules=targets, modules_to_save=self.modules_to_save,
                           task_type=TaskType.CAUSAL_LM)
 
 
@@ -120,9 +135,5 @@ def load_lora(model, adapter_dir, trainable: bool = False):
     return PeftModel.from_pretrained(freeze(model), adapter_dir, is_trainable=trainable)
 
 
-def lora_settings_from_dict(d: dict | None) -> LoraSettings:
-    return LoraSettings(**(d or {}))
-
-
 __all__ = ["SPECIAL_TOKENS", "TinyLlamaConfig", "LoraSettings", "build_tokenizer", "build_default_llm", "load_llm",
-           "save_llm", "freeze", "add_lora", "load_lora", "lora_settings_from_dict"]
+           "save_llm", "freeze", "add_lora", "load_lora"]

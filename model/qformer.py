@@ -7,23 +7,34 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .config import FRACTION, NON_NEGATIVE, POSITIVE, option, validate
+
 
 @dataclass
 class QFormerConfig:
-    enc_dim: int = 512       # width of the slide encoder's summary tokens
-    llm_dim: int = 4096      # width of the LLM's token embeddings
-    dim: int = 512           # Q-Former width
-    num_queries: int = 32
-    depth: int = 2
-    heads: int = 8
-    mlp_ratio: float = 4.0
-    dropout: float = 0.1
-    pos_freqs: int = 4       # Fourier frequencies of the pack-position code added to the keys (0 = off)
-    registers: int = 1       # learned keys always present next to the region's tokens: attention to them is a
-                             # reference that lets the queries sense how MUCH of something a region holds
-    anchors: int = 0         # side g of a g x g grid of spatially anchored queries (the first g*g queries; 0 = off):
-                             # in cross-attention each reads mostly the keys near its anchor point in the region
-                             # (`topopack finetune` and the demo use 3)
+    enc_dim: int = option(512, "width of the memory tokens (set from the encoder)", check=POSITIVE, cli=False)
+    llm_dim: int = option(4096, "width of the LLM's token embeddings (set from the LLM)", check=POSITIVE, cli=False)
+    dim: int = option(512, "Q-Former width", check=POSITIVE)
+    num_queries: int = option(32, "learned queries = visual tokens", check=POSITIVE)
+    depth: int = option(2, "Q-Former layers", check=POSITIVE)
+    heads: int = option(8, "attention heads", check=POSITIVE)
+    mlp_ratio: float = option(4.0, "FFN width / dim", check=POSITIVE)
+    dropout: float = option(0.1, "dropout", check=FRACTION)
+    pos_freqs: int = option(4, "Fourier frequencies of the pack-position code added to the keys (0 = off)",
+                            check=NON_NEGATIVE)
+    # attention to a register is a reference that lets the queries sense how MUCH of something a region holds
+    registers: int = option(1, "learned keys always present next to the region's tokens", check=NON_NEGATIVE)
+    # in cross-attention each anchored query reads mostly the keys near its anchor point in the region
+    anchors: int = option(3, "side g of a g x g grid of spatially anchored queries (the first g*g; 0 = none)",
+                          check=NON_NEGATIVE)
+
+    def __post_init__(self):
+        validate(self)
+        if self.dim % self.heads:
+            raise ValueError(f"Q-Former dim {self.dim} must be a multiple of heads {self.heads}")
+        if self.anchors ** 2 > self.num_queries:
+            raise ValueError(f"anchors={self.anchors}: a {self.anchors}x{self.anchors} grid needs <= num_queries="
+                             f"{self.num_queries} queries")
 
 
 def fourier_positions(pos: torch.Tensor, num_freqs: int) -> torch.Tensor:
@@ -96,9 +107,6 @@ class QFormer(nn.Module):
     def __init__(self, cfg: QFormerConfig):
         super().__init__()
         self.cfg = cfg
-        if cfg.anchors < 0 or cfg.anchors ** 2 > cfg.num_queries:
-            raise ValueError(f"anchors={cfg.anchors}: a {cfg.anchors}x{cfg.anchors} grid needs <= num_queries="
-                             f"{cfg.num_queries} queries")
         self.register_buffer("anchor_xy", anchor_points(cfg.anchors), persistent=False)
         self.queries = nn.Parameter(torch.randn(cfg.num_queries, cfg.dim) * 0.02)
         self.registers = nn.Parameter(torch.randn(cfg.registers, cfg.dim) * 0.02)

@@ -9,7 +9,6 @@ Labels are -100 on the visual and prompt tokens; only the answer (and its eos) i
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 
 IMAGE = "<image>"
 IGNORE = -100
+MAX_NEW_TOKENS = 32  # default answer length cap of eval and ask
 
 
 @dataclass
@@ -63,17 +63,6 @@ def pad_memory(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch
         k = s.memory.shape[0]
         mem[i, :k], pos[i, :k], pad[i, :k] = s.memory, s.positions, False
     return mem, pad, pos
-
-
-def _cache_kwarg(llm) -> str:
-    """The KV-cache argument of the LLM's forward: ``cache`` (transformers >= 5.x) or ``past_key_values``."""
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-def _cache_of(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
 
 
 class HepatoLLaVA(nn.Module):
@@ -133,45 +122,24 @@ class HepatoLLaVA(nn.Module):
         return loss, {"token_acc": float(acc)}
 
     @torch.no_grad()
-    def generate(self, samples: list[Sample], *, max_new_tokens: int = 24, sample: bool = False,
-                 temperature: float = 1.0, use_cache: bool = True, generator: torch.Generator | None = None
-                 ) -> list[list[int]]:
-        """Greedy (or sampled) answers, one id list per sample (eos stripped). KV cache unless use_cache=False."""
-        if sample and temperature <= 0:
+    def generate(self, samples: list[Sample], *, max_new_tokens: int = MAX_NEW_TOKENS, sample: bool = False,
+                 temperature: float = 1.0, use_cache: bool = True, seed: int | None = None) -> list[list[int]]:
+        """Greedy (or sampled, seeded by ``seed``) answers through the LLM's own ``generate``: one id list per
+        sample, stopped at eos (stripped). Batched with left padding; KV cache unless use_cache=False."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if sample and not temperature > 0:
             raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
         embeds, mask, _ = self.assemble(samples, left_pad=True)
-        pos = self.positions(mask)
-        emb = self.llm.get_input_embeddings()
         eos = self.tokenizer.eos_token_id
-        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=use_cache)
-        kw = _cache_kwarg(self.llm)
-        done = torch.zeros(len(samples), dtype=torch.bool, device=self.device)
-        tokens = []
-        for _ in range(max_new_tokens):
-            logits = out.logits[:, -1].float()
-            if sample:
-                probs = torch.softmax(logits / temperature, -1)
-                nxt = torch.multinomial(probs.cpu(), 1, generator=generator).flatten().to(self.device)
-            else:
-                nxt = logits.argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
-            tokens.append(nxt)
-            done |= nxt == eos
-            if bool(done.all()):
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            step_pos = pos[:, -1:] + 1
-            pos = torch.cat([pos, step_pos], 1)
-            if use_cache:
-                out = self.llm(inputs_embeds=emb(nxt[:, None]), attention_mask=mask, position_ids=step_pos,
-                               use_cache=True, **{kw: _cache_of(out)})
-            else:
-                embeds = torch.cat([embeds, emb(nxt[:, None])], 1)
-                out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
-        result = []
-        for row in torch.stack(tokens, 1).tolist():
-            result.append(row[:row.index(eos)] if eos in row else row)
-        return result
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        decoding = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                    eos_token_id=eos, pad_token_id=pad, use_cache=use_cache, **decoding)
+        return [row[:row.index(eos)] if eos in row else row for row in out.tolist()]  # only new tokens
 
     def answer(self, samples: list[Sample], **kw) -> list[str]:
         return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in self.generate(samples, **kw)]

@@ -5,7 +5,10 @@ import pytest
 import torch
 
 from topopack.model.encoder import SlideEncoder, SlideEncoderConfig, load_encoder, save_encoder
-from topopack.model.finetune import SummaryCache, finetune, load_model, load_records
+from topopack.model.finetune import finetune
+from topopack.model.model_dir import load_model
+from topopack.model.records import load_records, turn
+from topopack.model.summaries import SummaryCache
 from topopack.model.llm import LoraSettings, TinyLlamaConfig, build_default_llm, build_tokenizer, save_llm
 from topopack.model.qformer import QFormerConfig
 from topopack.model.regions import RegionError
@@ -62,9 +65,12 @@ def test_stages_eval_and_ask(world):
     assert values and all(0 <= v <= 1 for v in values)
     saved = json.loads((root / "eval" / "metrics.json").read_text())["eval"]
     assert saved["scales"] == metrics["scales"] and (root / "eval" / "eval.md").read_text().startswith("| scale")
-    rec = next(r for r in load_records(data, "eval") if r["region"] is not None)
-    answer = ask(rec["slide"], rec["question"], rec["region"], model=root / "vqa")
-    assert isinstance(answer, str)
+    recs = load_records(data, "eval")
+    i, rec = next((i, r) for i, r in enumerate(recs) if r["region"] is not None)
+    # ask answers a record exactly as eval's batched, left-padded generation did
+    pred = json.loads((root / "eval" / "predictions.jsonl").read_text().splitlines()[i])
+    assert pred["id"] == rec["id"]
+    assert ask(rec["slide"], turn(rec)[0], rec["region"], model=root / "vqa") == pred["prediction"]
     assert cli(["ask", rec["slide"], "Is there a tumor in this slide?", "--model", str(root / "vqa"),
                 "--region", ",".join(str(v) for v in rec["region"]), "--sample", "--seed", "1"]) == 0
     with pytest.raises(RegionError, match="intersects no tissue"):
@@ -104,14 +110,19 @@ def test_local_hf_checkpoint_through_llm(world, tmp_path):
     save_llm(tmp_path / "hf", build_default_llm(tok, SMALL["tiny"], seed=1), tok)
     out = tmp_path / "model"
     rc = cli(["finetune", "--stage", "vqa", "--data", str(data), "--encoder", str(enc), "--out", str(out),
-              "--llm", str(tmp_path / "hf"), "--steps", "2", "--batch-size", "2", "--queries", "4",
-              "--qformer-dim", "16", "--qformer-heads", "2", "--anchors", "2", "--lora-r", "4", "--lora-alpha", "8"])
+              "--llm", str(tmp_path / "hf"), "--steps", "2", "--batch-size", "2", "--qformer-num-queries", "4",
+              "--qformer-dim", "16", "--qformer-heads", "2", "--qformer-anchors", "2", "--lora-r", "4",
+              "--lora-alpha", "8"])
     assert rc == 0
     meta = json.loads((out / "model.json").read_text())
     assert meta["llm"] == str((tmp_path / "hf").resolve()) and not (out / "llm").exists()
     from topopack.model.ask import Assistant
+    from topopack.model.evaluate import evaluate
+
+    evaluate(out, data, tmp_path / "eval", limit=1)
+    pred = json.loads((tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()[0])
     rec = load_records(data, "eval")[0]
-    assert isinstance(Assistant(out)(rec["slide"], rec["question"], rec["region"], max_new_tokens=3), str)
+    assert Assistant(out)(rec["slide"], turn(rec)[0], rec["region"]) == pred["prediction"]
 
 
 def test_bad_inputs_name_the_problem(world, tmp_path):
@@ -125,7 +136,7 @@ def test_bad_inputs_name_the_problem(world, tmp_path):
 
 
 def test_family_sampling_weights(world):
-    from topopack.model.finetune import sample_weights
+    from topopack.model.records import sample_weights
 
     recs = load_records(world[1], "vqa")
     w = sample_weights(recs, "family")
@@ -161,7 +172,7 @@ def test_memory_tokens_are_summary_then_raw_pack_mean(world):
 
 
 def test_family_weights_scale_a_familys_share(world):
-    from topopack.model.finetune import parse_family_weights, sample_weights
+    from topopack.model.records import parse_family_weights, sample_weights
 
     recs = load_records(world[1], "vqa")
     fams = sorted({r["family"] for r in recs})

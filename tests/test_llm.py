@@ -21,7 +21,7 @@ def make_vlm(blind=False, lora=True, seed=0):
     if lora:
         llm = add_lora(llm, LoraSettings(r=4, alpha=8))
     torch.manual_seed(seed)
-    qf = QFormer(QFormerConfig(enc_dim=12, llm_dim=32, dim=16, num_queries=5, heads=2, dropout=0.0))
+    qf = QFormer(QFormerConfig(enc_dim=12, llm_dim=32, dim=16, num_queries=5, heads=2, dropout=0.0, anchors=0))
     return HepatoLLaVA(qf, llm, tok, blind=blind).eval()
 
 
@@ -76,15 +76,33 @@ def _padded(samples):
 
 
 def test_loss_only_on_answer_tokens():
-    """Changing the answer changes the loss; the loss equals a hand-computed CE over answer tokens."""
+    """Changing the answer changes the loss; the loss equals a hand-computed CE over the answer tokens (and eos),
+    and every other position is ignored."""
     vlm = make_vlm()
     s = [sample(vlm.tokenizer, "Is there a tumor in this slide?", "no", 3, 2)]
     loss, _ = vlm(s)
     embeds, mask, labels = vlm.assemble(s)
-    logits = vlm.llm(inputs_embeds=embeds, attention_mask=mask).logits[0]
     ans_pos = (labels[0] != IGNORE).nonzero().flatten()
+    assert torch.equal(labels[0, ans_pos], s[0].answer)  # exactly the answer ids + eos, at the end of the row
+    assert ans_pos.tolist() == list(range(labels.shape[1] - s[0].answer.numel(), labels.shape[1]))
+    logits = vlm.llm(inputs_embeds=embeds, attention_mask=mask).logits[0]
     manual = torch.nn.functional.cross_entropy(logits[ans_pos - 1], labels[0, ans_pos])
     torch.testing.assert_close(loss, manual)
+    other, _ = vlm([sample(vlm.tokenizer, "Is there a tumor in this slide?", "yes", 3, 2)])
+    assert not torch.isclose(loss, other)
+
+
+def teacher_forced_greedy(vlm, s: Sample, n: int) -> list[int]:
+    """Greedy decoding the slow way: re-run the whole prompt + answer so far, take the argmax at the end."""
+    ids: list[int] = []
+    for _ in range(n):
+        embeds, mask, _ = vlm.assemble([Sample(s.before, s.after, torch.tensor(ids, dtype=torch.long), s.memory,
+                                               s.positions)])
+        nxt = int(vlm.llm(inputs_embeds=embeds, attention_mask=mask).logits[0, -1].argmax())
+        if nxt == vlm.tokenizer.eos_token_id:
+            break
+        ids.append(nxt)
+    return ids
 
 
 @pytest.mark.parametrize("blind", [False, True])
@@ -96,10 +114,11 @@ def test_kv_cache_generation_equals_no_cache_greedy(blind):
     cached = vlm.generate(s, max_new_tokens=12, use_cache=True)
     plain = vlm.generate(s, max_new_tokens=12, use_cache=False)
     assert cached == plain and all(len(r) > 0 for r in cached)
-    # left padding in a batch gives the same greedy answers as one sample at a time
+    # left padding in a batch gives the same greedy answers as one sample at a time, and as slow decoding
     assert [vlm.generate([x], max_new_tokens=12)[0] for x in s] == cached
-    g1, g2 = (torch.Generator().manual_seed(7) for _ in range(2))
-    assert vlm.generate(s, sample=True, generator=g1) == vlm.generate(s, sample=True, generator=g2)
+    with torch.no_grad():
+        assert [teacher_forced_greedy(vlm, x, 12) for x in s] == cached
+    assert vlm.generate(s, sample=True, seed=7) == vlm.generate(s, sample=True, seed=7)
 
 
 def test_saved_checkpoint_loads_through_llm_path(tmp_path):
@@ -113,7 +132,7 @@ def test_saved_checkpoint_loads_through_llm_path(tmp_path):
     llm = add_lora(llm, LoraSettings(r=4, alpha=8, dropout=0.0))
     names = [n for n, p in llm.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names) and not any("lm_head" in n for n in names)
-    qf = QFormer(QFormerConfig(enc_dim=12, llm_dim=32, dim=16, num_queries=5, heads=2, dropout=0.0))
+    qf = QFormer(QFormerConfig(enc_dim=12, llm_dim=32, dim=16, num_queries=5, heads=2, dropout=0.0, anchors=0))
     vlm = HepatoLLaVA(qf, llm, tok2)
     s = [sample(tok2, "Is there a tumor in this slide?", "yes", 3, 0)]
     opt = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=1e-2)
@@ -129,6 +148,11 @@ def test_saved_checkpoint_loads_through_llm_path(tmp_path):
     after = [p for n, p in llm.named_parameters() if "lora_B" in n]
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
     vlm.eval()
-    assert isinstance(vlm.answer(s, max_new_tokens=4)[0], str)
+    s = [sample(tok2, "Is there a tumor in this slide?", None, 3, 0)]
+    with torch.no_grad():
+        expected = teacher_forced_greedy(vlm, s[0], 4)
+    assert expected  # a non-empty answer, so the comparison below means something
+    assert vlm.generate(s, max_new_tokens=4)[0] == expected
+    assert vlm.answer(s, max_new_tokens=4)[0] == tok2.decode(expected, skip_special_tokens=True).strip()
     with pytest.raises(FileNotFoundError, match="not a local checkpoint"):
         load_llm(tmp_path / "missing")
