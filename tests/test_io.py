@@ -247,3 +247,36 @@ def test_unknown_level0_patch_size_asks_for_the_override(tmp_path, attrs, proble
     single = write_h5(tmp_path / "one.h5", np.ones((1, 2)), coords[:1], attrs)
     with pytest.raises(SlideError, match=r"one\.h5: .*pass patch_size=<level-0 patch size> to load_slide"):
         load_slide(single)  # one patch: no step to suggest
+
+
+def test_scan_takes_every_slide_suffix_and_reports_broken_links(tmp_path):
+    """find_slides and load_slide accept the same suffixes (SUFFIXES, any case); nothing with one is skipped."""
+    from topopack.io import SUFFIXES
+
+    s = random_slide(np.random.default_rng(4))
+    names = [f"s{i}{suf}" for i, suf in enumerate(SUFFIXES)] + [f"u{i}{suf.upper()}" for i, suf in enumerate(SUFFIXES)]
+    for name in names:  # save_slide picks the format by the lower-case suffix
+        fmt = ".pt" if name.lower().endswith((".pt", ".pth")) else ".h5"
+        save_slide(tmp_path / f"tmp{fmt}", s["features"], s["coords"], s["patch_size"]).rename(tmp_path / name)
+    (tmp_path / "notes.json").write_text("{}")  # not slides: ignored
+    (tmp_path / "readme.txt").write_text("hi")
+    (tmp_path / "sub").mkdir()
+    save_slide(tmp_path / "sub" / "deeper.h5", s["features"], s["coords"], s["patch_size"])  # not scanned
+    assert [p.name for p in find_slides(tmp_path)] == sorted(names)
+    assert [sl.path for sl in load_slides(tmp_path)] == [str(tmp_path / n) for n in sorted(names)]
+
+    (tmp_path / "dangling.h5").symlink_to(tmp_path / "gone.h5")
+    (tmp_path / "loop.pt").symlink_to(tmp_path / "loop.pt")
+    (tmp_path / "folder.h5").mkdir()
+    assert [p.name for p in find_slides(tmp_path)] == sorted(names + ["dangling.h5", "loop.pt", "folder.h5"])
+    with pytest.raises(SlideError, match=r"dangling\.h5: dangling symlink to .*gone\.h5"):
+        load_slide(tmp_path / "dangling.h5")
+    with pytest.raises(SlideError, match=r"loop\.pt: symlink loop"):
+        load_slide(tmp_path / "loop.pt")
+    with pytest.raises(SlideError, match=r"folder\.h5: not a file"):
+        load_slide(tmp_path / "folder.h5")
+    with pytest.raises(SlideError) as info:
+        load_slides(tmp_path)
+    msg = str(info.value)
+    assert msg.startswith(f"3 bad slide file(s) in {tmp_path}")
+    assert all(f"{n}: " in msg for n in ("dangling.h5", "loop.pt", "folder.h5"))

@@ -12,7 +12,10 @@ Every problem is reported as a ``SlideError`` naming the file and what is wrong.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +25,7 @@ import torch
 
 from .layout import LayoutError, TopoLayout
 
-SUFFIXES = (".h5", ".hdf5", ".pt", ".pth")
+SUFFIXES = (".h5", ".hdf5", ".pt", ".pth")  # slide files, any case: load_slide and find_slides
 EXTRA_KEYS = ("summary_features", "global_features", "labels", "facts")
 
 
@@ -215,6 +218,22 @@ def _facts(path, value) -> dict:
     return facts
 
 
+def _check_file(path: Path) -> None:
+    try:
+        mode = os.stat(path).st_mode  # follows symlinks
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise SlideError(f"{path}: dangling symlink to {os.readlink(path)} (restore the target or remove the "
+                             "link)") from None
+        raise SlideError(f"{path}: no such file") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SlideError(f"{path}: symlink loop (fix or remove the link)") from None
+        raise SlideError(f"{path}: cannot open ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise SlideError(f"{path}: not a file (a folder or device named like a slide: rename or remove it)")
+
+
 def load_slide(path, patch_size: int | None = None) -> Slide:
     """Read and validate one feature file (.h5 TRIDENT/CLAM or .pt dict).
 
@@ -225,8 +244,7 @@ def load_slide(path, patch_size: int | None = None) -> Slide:
     path = Path(path)
     if path.suffix.lower() not in SUFFIXES:
         raise SlideError(f"{path}: unsupported file type '{path.suffix}', expected one of {', '.join(SUFFIXES)}")
-    if not path.is_file():
-        raise SlideError(f"{path}: no such file")
+    _check_file(path)
     try:
         raw = _read_h5(path) if path.suffix.lower() in (".h5", ".hdf5") else _read_pt(path)
     except SlideError:
@@ -290,22 +308,29 @@ def load_slide(path, patch_size: int | None = None) -> Slide:
     return slide
 
 
-def find_slides(directory, pattern: str | Sequence[str] = ("*.h5", "*.pt")) -> list[Path]:
-    """Sorted slide files in ``directory``; SlideError if there are none."""
+def find_slides(directory) -> list[Path]:
+    """The slide files in ``directory`` (not its subfolders), sorted; SlideError if there are none.
+
+    A slide file is an entry whose suffix is in SUFFIXES, in any case (the suffixes load_slide reads). Entries
+    with other suffixes (.json, .txt, ...) are not slides and are ignored. Nothing with a slide suffix is skipped:
+    dangling symlinks, symlink loops and folders come back too, and load_slide reports them.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise SlideError(f"{directory}: not a directory")
-    patterns = (pattern,) if isinstance(pattern, str) else tuple(pattern)
-    paths = sorted({p for pat in patterns for p in directory.glob(pat) if p.is_file()})
+    paths = sorted(p for p in directory.iterdir() if p.suffix.lower() in SUFFIXES)
     if not paths:
-        raise SlideError(f"{directory}: no slide files matching {', '.join(patterns)}")
+        raise SlideError(f"{directory}: no slide files ({', '.join(SUFFIXES)}, any case)")
     return paths
 
 
-def load_slides(directory, pattern: str | Sequence[str] = ("*.h5", "*.pt"), patch_size: int | None = None) -> list[Slide]:
-    """Load every slide in ``directory``. Never skips: all bad files are listed in one SlideError."""
+def load_slides(directory, patch_size: int | None = None) -> list[Slide]:
+    """Load every slide file in ``directory`` (see find_slides); ``patch_size`` as in load_slide.
+
+    Never skips: all bad files are listed in one SlideError.
+    """
     slides, errors = [], []
-    for p in find_slides(directory, pattern):
+    for p in find_slides(directory):
         try:
             slides.append(load_slide(p, patch_size=patch_size))
         except SlideError as e:
