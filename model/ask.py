@@ -67,6 +67,9 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
+    from topopack.model.llm import quiet_transformers
+
+    quiet_transformers()
     answer = ask(args.slide, args.question, parse_region(args.region), model=args.model, sample=args.sample,
                  temperature=args.temperature, device=args.device, seed=args.seed,
                  max_new_tokens=args.max_new_tokens)

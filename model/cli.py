@@ -1,8 +1,13 @@
-"""The `topopack` console script: one subcommand per module, imported on demand."""
+"""The `topopack` console script: one subcommand per module, imported on demand.
+
+A user mistake (a bad file, flag or value) ends with one line on stderr and exit status 2; set
+TOPOPACK_TRACEBACK=1 to see the full traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module with add_arguments(parser) and main(args), one-line help)
@@ -14,11 +19,14 @@ COMMANDS = {
     "eval": ("topopack.model.evaluate", "score a fine-tuned model on held-out VQA"),
     "ask": ("topopack.model.ask", "answer a question about a slide"),
 }
+# what a user's input can raise: bad files, values, paths (SlideError, LayoutError, VQAError, RegionError and the
+# checkpoint errors are ValueErrors)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="topopack", description=__doc__)
+    parser = argparse.ArgumentParser(prog="topopack", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_) in COMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)
@@ -31,7 +39,14 @@ def main(argv=None) -> int:
     module = importlib.import_module(COMMANDS[argv[0]][0])
     cmd = argparse.ArgumentParser(prog=f"topopack {argv[0]}", description=COMMANDS[argv[0]][1])
     module.add_arguments(cmd)
-    return int(module.main(cmd.parse_args(argv[1:])) or 0)
+    args = cmd.parse_args(argv[1:])
+    try:
+        return int(module.main(args) or 0)
+    except USER_ERRORS as e:
+        if os.environ.get("TOPOPACK_TRACEBACK") == "1":
+            raise
+        print(f"topopack {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ def run_pipeline(args) -> dict:
         return result
 
     data = step("data", lambda: make_data(out, args))
-    mae = step("MAE pretraining", lambda: pretrain("mae", out / "slides" / "train", out / "mae", quick=True,
+    mae = step("MAE pretraining", lambda: pretrain("mae", out / "slides" / "train", out / "mae", quick=True, overwrite=True,
                                                      steps=args.mae_steps, seed=args.seed, device=args.device,
                                                      backend=args.backend))
     encoder = out / "mae" / "encoder.pt"
@@ -197,7 +197,9 @@ def run_pipeline(args) -> dict:
     cache = SummaryCache(load_encoder(encoder, backend=args.backend), args.device)
     # brief defaults otherwise (32 queries, r 128)
     small = dict(qformer_cfg=QFormerConfig(dim=args.qformer_dim, anchors=args.anchors))
-    common = dict(batch_size=args.batch_size, seed=args.seed, device=args.device, cache=cache, lr=args.lr)
+    # the demo owns OUT: a rerun replaces its runs
+    common = dict(batch_size=args.batch_size, seed=args.seed, device=args.device, cache=cache, lr=args.lr,
+                  overwrite=True)
     vqa_kw = dict(common, family_weights=args.family_weights or None)
     step("connector (stage A)", lambda: finetune("connector", data, encoder, out / "connector",
                                                  steps=args.connector_steps, **small, **common))

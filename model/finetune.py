@@ -18,7 +18,8 @@ from topopack.model.model_dir import STAGES, build_model, save_model
 from topopack.model.qformer import QFormerConfig
 from topopack.model.records import SAMPLING, load_records, parse_family_weights, sample_weights, vocabulary_texts
 from topopack.model.summaries import SummaryCache, make_samples
-from topopack.model.trainer import add_train_arguments, run_training, train_config_from_args, write_metrics
+from topopack.model.trainer import (add_train_arguments, init_distributed, prepare_output, run_training,
+                                    train_config_from_args, write_metrics)
 
 
 def _family_weights_ok(text: str) -> bool:
@@ -61,20 +62,29 @@ def add_arguments(p) -> None:
 def finetune(stage: str, data, encoder_path, out, *, llm=None, init=None, blind=False, batch_size=16, steps=300,
              lr=3e-4, resume=False, device="cpu", qformer_cfg=None, tiny=None, lora=None, seed=0, desc=None,
              train_kw=None, stop_after=None, cache: SummaryCache | None = None, sampling: str = "family",
-             family_weights: str | None = None) -> dict:
+             family_weights: str | None = None, overwrite: bool = False) -> dict:
     """Python entry point of `topopack finetune`; returns the training result and writes the model directory."""
     from topopack.model.trainer import TrainConfig
 
     fcfg = FinetuneConfig(stage=stage, data=str(data), encoder=str(encoder_path), llm=llm and str(llm),
                           init=init and str(init), blind=blind, batch_size=batch_size, sampling=sampling,
                           family_weights=family_weights, device=str(device))
-    tcfg = TrainConfig(out=str(out), steps=steps, lr=lr, resume=resume, seed=seed, **(train_kw or {}))
+    tcfg = TrainConfig(out=str(out), steps=steps, lr=lr, resume=resume, seed=seed, overwrite=overwrite,
+                       **(train_kw or {}))
     return _run(fcfg, tcfg, qformer_cfg or QFormerConfig(), tiny or TinyLlamaConfig(), lora or LoraSettings(),
                 desc=desc, stop_after=stop_after, cache=cache)
 
 
+def run_config(fcfg: FinetuneConfig, qformer_cfg: QFormerConfig, tiny: TinyLlamaConfig, lora: LoraSettings) -> dict:
+    """Everything besides the TrainConfig that defines a finetune run (compared on --resume), flag names as keys."""
+    return {**asdict(fcfg), **{f"qformer_{k}": v for k, v in asdict(qformer_cfg).items()},
+            **{f"tiny_{k}": v for k, v in asdict(tiny).items()}, **{f"lora_{k}": v for k, v in asdict(lora).items()}}
+
+
 def _run(fcfg: FinetuneConfig, cfg, qformer_cfg: QFormerConfig, tiny: TinyLlamaConfig, lora: LoraSettings, *,
          desc=None, stop_after=None, cache=None):
+    rank, _ = init_distributed()
+    prepare_output(cfg, rank)  # before encoding any slide
     records = load_records(fcfg.data, fcfg.stage)
     texts = vocabulary_texts(records)
     encoder = load_encoder(fcfg.encoder)
@@ -82,7 +92,7 @@ def _run(fcfg: FinetuneConfig, cfg, qformer_cfg: QFormerConfig, tiny: TinyLlamaC
     cache.encode_all(r["slide"] for r in records)
     vlm, meta = build_model(fcfg.stage, encoder, texts, llm_path=fcfg.llm, init=fcfg.init, blind=fcfg.blind,
                             qformer_cfg=qformer_cfg, tiny=tiny, lora=lora, seed=cfg.seed, out=cfg.out,
-                            memory_dim=cache.memory_dim(records[0]["slide"]))
+                            memory_dim=cache.memory_dim(records[0]["slide"]), write=rank == 0)
     vlm.to(fcfg.device)
     samples = make_samples(records, vlm.tokenizer, cache)
     weights = sample_weights(records, fcfg.sampling, parse_family_weights(fcfg.family_weights or ""))
@@ -92,7 +102,10 @@ def _run(fcfg: FinetuneConfig, cfg, qformer_cfg: QFormerConfig, tiny: TinyLlamaC
         return [samples[i] for i in idx]
 
     result = run_training(cfg, vlm, lambda model, batch, step: model(batch), make_batch,
+                          run_config=run_config(fcfg, qformer_cfg, tiny, lora),
                           desc=desc or f"finetune {fcfg.stage}{' blind' if fcfg.blind else ''}", stop_after=stop_after)
+    if rank != 0:
+        return result
     save_model(cfg.out, vlm, meta, fcfg.encoder)
     write_metrics(cfg.out, {"stage": fcfg.stage, "blind": fcfg.blind, "final_loss": result["final_loss"],
                             "steps": result["steps"], "train_records": len(records),

@@ -110,6 +110,17 @@ def load_llm(path, dtype=torch.float32):
     return model, tokenizer
 
 
+def quiet_transformers() -> None:
+    """No transformers/peft warnings or loading bars on the terminal (for commands whose output is the answer)."""
+    import warnings
+
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module=r"(transformers|peft)(\.|$)")
+
+
 def save_llm(path, model, tokenizer) -> None:
     """Write a base LLM and its tokenizer as a local HF checkpoint."""
     Path(path).mkdir(parents=True, exist_ok=True)
@@ -136,4 +147,4 @@ def load_lora(model, adapter_dir, trainable: bool = False):
 
 
 __all__ = ["SPECIAL_TOKENS", "TinyLlamaConfig", "LoraSettings", "build_tokenizer", "build_default_llm", "load_llm",
-           "save_llm", "freeze", "add_lora", "load_lora"]
+           "save_llm", "freeze", "add_lora", "load_lora", "quiet_transformers"]

@@ -63,11 +63,11 @@ def load_model(model_dir, *, device="cpu", lora_trainable: bool = False, blind: 
 def build_model(stage: str, encoder: SlideEncoder, texts: list[str], *, llm_path=None, init=None, blind=False,
                 qformer_cfg: QFormerConfig | None = None, tiny: TinyLlamaConfig | None = None,
                 lora: LoraSettings | None = None, seed: int = 0, out=None,
-                memory_dim: int | None = None) -> tuple[HepatoLLaVA, dict]:
+                memory_dim: int | None = None, write: bool = True) -> tuple[HepatoLLaVA, dict]:
     """The model a stage trains, and its meta. connector: Q-Former only; vqa: Q-Former + fresh LoRA.
     ``memory_dim``: width of the region memory tokens (SummaryCache.memory_dim; default the encoder width).
 
-    The embedded LLM's base weights are written to OUT/llm here, before LoRA wraps the model.
+    The embedded LLM's base weights are written to OUT/llm here (if ``write``: rank 0), before LoRA wraps the model.
     """
     if stage not in STAGES:
         raise ValueError(f"--stage must be one of {STAGES}, got {stage!r}")
@@ -100,7 +100,8 @@ def build_model(stage: str, encoder: SlideEncoder, texts: list[str], *, llm_path
     if meta.get("embedded"):
         if out is None:
             raise ValueError("build_model: the embedded LLM needs an output directory to be saved in")
-        save_llm(Path(out) / "llm", llm, tokenizer)
+        if write:
+            save_llm(Path(out) / "llm", llm, tokenizer)
         meta["llm"] = "llm"
     if stage == "vqa":
         lora = lora or LoraSettings()

@@ -39,7 +39,7 @@ def world(tmp_path_factory):
     return root, data, root / "encoder.pt"
 
 
-def test_stages_eval_and_ask(world):
+def test_stages_eval_and_ask(world, capfd):
     from topopack.model.cli import main as cli
     from topopack.model.ask import ask
     from topopack.model.evaluate import evaluate
@@ -71,8 +71,17 @@ def test_stages_eval_and_ask(world):
     pred = json.loads((root / "eval" / "predictions.jsonl").read_text().splitlines()[i])
     assert pred["id"] == rec["id"]
     assert ask(rec["slide"], turn(rec)[0], rec["region"], model=root / "vqa") == pred["prediction"]
-    assert cli(["ask", rec["slide"], "Is there a tumor in this slide?", "--model", str(root / "vqa"),
-                "--region", ",".join(str(v) for v in rec["region"]), "--sample", "--seed", "1"]) == 0
+    ask_args = ["ask", rec["slide"], "Is there a tumor in this slide?", "--model", str(root / "vqa"),
+                "--region", ",".join(str(v) for v in rec["region"]), "--sample", "--seed", "1"]
+    capfd.readouterr()
+    assert cli(ask_args) == 0
+    first = capfd.readouterr()
+    assert cli(ask_args) == 0  # seeded sampling repeats
+    assert capfd.readouterr().out == first.out
+    # the answer alone on stdout, nothing from transformers/peft/tqdm on stderr
+    assert len(first.out.splitlines()) == 1 and first.err == ""
+    with pytest.raises(SystemExit, match="2"):
+        cli(["ask", rec["slide"], "q", "--model", str(root / "vqa"), "--max-new-tokens", "0"])
     with pytest.raises(RegionError, match="intersects no tissue"):
         ask(rec["slide"], "What tissue?", [-900, -900, -800, -800], model=root / "vqa")
 

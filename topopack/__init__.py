@@ -1,8 +1,26 @@
-"""topopack: fast, exact Sparse Topo-Pack Attention for whole-slide images."""
-from .attention import TopoPackAttention, topo_pack_attention
-from .layout import LayoutError, TopoLayout
-from .rules import BIDIRECTIONAL, PAPER, RULES_BY_NAME, TopoRules
+"""topopack: fast, exact Sparse Topo-Pack Attention for whole-slide images.
 
-__all__ = ["BIDIRECTIONAL", "PAPER", "RULES_BY_NAME", "LayoutError", "TopoLayout", "TopoPackAttention",
-           "TopoRules", "topo_pack_attention"]
+The names below load on first use, so that ``import topopack.model.cli`` (the console script) answers ``--help``
+without importing torch.
+"""
+import importlib
+
+_EXPORTS = {
+    "TopoPackAttention": "attention", "topo_pack_attention": "attention",
+    "LayoutError": "layout", "TopoLayout": "layout",
+    "BIDIRECTIONAL": "rules", "PAPER": "rules", "RULES_BY_NAME": "rules", "TopoRules": "rules",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
