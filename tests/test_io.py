@@ -280,3 +280,44 @@ def test_scan_takes_every_slide_suffix_and_reports_broken_links(tmp_path):
     msg = str(info.value)
     assert msg.startswith(f"3 bad slide file(s) in {tmp_path}")
     assert all(f"{n}: " in msg for n in ("dangling.h5", "loop.pt", "folder.h5"))
+
+
+def trident_xy(index, ps0, ov0):
+    """TRIDENT's level-0 corner of column/row ``index`` (WSIPatcher._colrow_to_xy): the first step is a whole
+    patch, the later ones patch_size_level0 - overlap_level0."""
+    return index * ps0 - ov0 * np.maximum(index - 1, 0)
+
+
+TRIDENT_OVERLAP = {"patch_size": 256, "patch_size_level0": 512, "overlap": 64,  # 20x from 40x: 128 px at level 0
+                   "level0_magnification": 40, "target_magnification": 20}
+
+
+@pytest.mark.parametrize("first", [0, 3])  # the grid starts at the slide's edge (irregular first step) or inside
+def test_trident_overlap(tmp_path, first):
+    cy, cx = np.divmod(np.arange(49), 7)
+    cx, cy = cx + first, cy + first
+    coords = np.stack([trident_xy(cx, 512, 128), trident_xy(cy, 512, 128)], 1)
+    path = write_h5(tmp_path / "ov.h5", np.ones((49, 2)), coords, TRIDENT_OVERLAP)
+    slide = load_slide(path)
+    assert slide.patch_size == 512 and slide.cell_size == 512 - 128
+    ref = cell_layout(7, 7)
+    lay = slide.layout(3)
+    assert torch.equal(lay.patch_token, ref.patch_token) and torch.equal(lay.pack_cell, ref.pack_cell)
+    # coords on the edge of the slide move onto the lattice (by overlap_level0), all others are the file's
+    expect = np.where(coords == 0, 128, coords)
+    np.testing.assert_array_equal(slide.coords.numpy(), expect)
+    assert load_slide(path, patch_size=512).cell_size == 384
+
+
+def test_trident_overlap_errors(tmp_path):
+    coords = np.stack([trident_xy(np.arange(4), 512, 128), np.zeros(4, int)], 1)
+    no_ps = {k: v for k, v in TRIDENT_OVERLAP.items() if k != "patch_size"}
+    path = write_h5(tmp_path / "a.h5", np.ones((4, 2)), coords, no_ps)
+    with pytest.raises(SlideError, match=r"a\.h5: has overlap 64 .*no 'patch_size' attribute"):
+        load_slide(path)
+    path = write_h5(tmp_path / "b.h5", np.ones((4, 2)), coords, dict(TRIDENT_OVERLAP, overlap=256))
+    with pytest.raises(SlideError, match=r"b\.h5: overlap 256 .*512 pixels at level 0.*not smaller than the patch"):
+        load_slide(path)
+    path = write_h5(tmp_path / "c.h5", np.ones((4, 2)), coords, dict(TRIDENT_OVERLAP, overlap=32))
+    with pytest.raises(SlideError, match=r"c\.h5: coords are not on the patch grid.*grid step 448"):
+        load_slide(path)

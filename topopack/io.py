@@ -4,9 +4,11 @@ A slide file holds ``features`` [N, C] and ``coords`` [N, 2] (level-0 top-left x
 the level-0 patch size. TRIDENT writes ``patch_size_level0`` as an attribute of the
 ``coords`` dataset; CLAM writes ``patch_size`` with ``patch_level`` / ``downsample``
 (level-0 size = patch_size * downsample). Attributes are looked up on ``coords`` first,
-then on the file. Optional datasets: ``summary_features`` [packs, C], ``global_features``
-[C], ``labels`` [N] (int tissue class) and a ``facts`` attribute (a JSON string), the
-last two written by the synthetic generator (topopack.model.synth).
+then on the file. TRIDENT's ``overlap`` (pixels at the patch level) makes the grid step
+the level-0 patch size minus the level-0 overlap: ``Slide.cell_size``, the layout's cell.
+Optional datasets: ``summary_features`` [packs, C], ``global_features`` [C], ``labels`` [N]
+(int tissue class) and a ``facts`` attribute (a JSON string), the last two written by the
+synthetic generator (topopack.model.synth).
 
 Every problem is reported as a ``SlideError`` naming the file and what is wrong.
 """
@@ -39,13 +41,18 @@ class Slide:
 
     path: str
     features: torch.Tensor  # float32 [N, C]
-    coords: torch.Tensor  # int64 [N, 2] (x, y) level-0 top-left
+    coords: torch.Tensor  # int64 [N, 2] (x, y) level-0 top-left, on a lattice of cell_size (see _snap_trident_edge)
     patch_size: int  # level-0 patch size in pixels
+    cell_size: int | None = None  # level-0 grid step: patch_size minus the overlap (TRIDENT); None: patch_size
     summary_features: torch.Tensor | None = None  # float32 [P, C]
     global_features: torch.Tensor | None = None  # float32 [C]
     labels: torch.Tensor | None = None  # int64 [N]
     facts: dict | None = None
     _layouts: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.cell_size is None:
+            self.cell_size = self.patch_size
 
     @property
     def in_dim(self) -> int:
@@ -62,7 +69,7 @@ class Slide:
         return int(x), int(y)
 
     def layout(self, pack_size: int = 3, origin=None, device=None) -> TopoLayout:
-        """The slide's TopoLayout (see TopoLayout.from_coords); errors name this file.
+        """The slide's TopoLayout (TopoLayout.from_coords with cell_size as the patch size); errors name this file.
 
         Layouts with the default origin (the smallest coords) are cached per pack size
         (load_slide builds the pack_size=3 one while validating the coords).
@@ -73,7 +80,7 @@ class Slide:
         layout = self._layouts.get(key)
         if layout is None:
             try:
-                layout = TopoLayout.from_coords(self.coords, self.patch_size, pack_size, origin=origin)
+                layout = TopoLayout.from_coords(self.coords, self.cell_size, pack_size, origin=origin)
             except LayoutError as e:
                 raise SlideError(f"{self.path}: {e}") from None
             if key is not None:
@@ -98,7 +105,7 @@ def _read_h5(path: Path) -> dict:
         attrs = dict(f.attrs)
         if "coords" in f:
             attrs.update(dict(f["coords"].attrs))  # TRIDENT / CLAM keep them on coords
-    for key in ("patch_size_level0", "patch_size", "downsample", "patch_level"):
+    for key in ("patch_size_level0", "patch_size", "downsample", "patch_level", "overlap"):
         if key in attrs:
             out[key] = attrs[key]
     if "facts" in attrs:
@@ -182,26 +189,61 @@ def _steps(coords: np.ndarray) -> list[int]:
     return [int(np.gcd.reduce(offsets[:, a])) for a in range(2)]
 
 
-def _check_grid(path, coords: np.ndarray, size: int, source: str, attr: str | None) -> None:
-    """The coords must step by exactly the patch size along every axis with more than one patch position.
+def _overlap_level0(path, raw: dict, size: int) -> int:
+    """TRIDENT's 'overlap' (pixels at the patch level, like 'patch_size') in level-0 pixels; 0 if absent."""
+    if "overlap" not in raw:
+        return 0
+    overlap = _scalar(path, "overlap", raw["overlap"])
+    if overlap == 0:
+        return 0
+    if not (np.isfinite(overlap) and overlap > 0):
+        raise SlideError(f"{path}: attribute 'overlap' must be a non-negative number of pixels, got {overlap:g}")
+    if "patch_size" not in raw:
+        raise SlideError(f"{path}: has overlap {overlap:g} but no 'patch_size' attribute: TRIDENT gives the overlap in "
+                         "pixels at the patch level, so its level-0 size is unknown; add the patch-level 'patch_size'")
+    overlap0 = int(round(overlap * size / _scalar(path, "patch_size", raw["patch_size"])))  # as TRIDENT rounds it
+    if overlap0 >= size:
+        raise SlideError(f"{path}: overlap {overlap:g} ({overlap0} pixels at level 0) is not smaller than the patch "
+                         f"size {size}: fix the file's 'overlap' attribute")
+    return overlap0
 
-    A larger step (e.g. CLAM at level 1 read as level 0) would put adjacent patches cells apart.
+
+def _snap_trident_edge(coords: np.ndarray, size: int, step: int) -> np.ndarray:
+    """TRIDENT puts column (row) 0 at 0 and column 1 at ``size``, then steps by ``step`` (size - overlap).
+
+    Patches at 0 on such an axis move to size - step, one step before column 1, so that all coords lie on one
+    lattice of the grid step. A no-op where the axis is already regular.
+    """
+    coords = coords.copy()
+    for a in range(2):
+        v = coords[:, a]
+        rest = v[v > 0]
+        if (v.min() == 0 and ((v - v.min()) % step).any() and rest.size and rest.min() >= size
+                and not ((rest - size) % step).any()):
+            v[v == 0] = size - step
+    return coords
+
+
+def _check_grid(path, coords: np.ndarray, step: int, noun: str, origin: str, fix: str) -> None:
+    """The coords must step by exactly ``step`` along every axis with more than one patch position.
+
+    A larger step (e.g. CLAM at level 1 read as level 0) would put adjacent patches cells apart. ``noun`` and
+    ``origin`` say what ``step`` is and where it comes from; ``fix`` ends the error for a larger step ({g}: it).
     """
     steps = _steps(coords)
     for a, g in enumerate(steps):
-        if g % size:
-            off = (coords[:, a] - coords[:, a].min()) % size
+        if g % step:
+            off = (coords[:, a] - coords[:, a].min()) % step
             row = int(np.flatnonzero(off)[0])
             raise SlideError(f"{path}: coords are not on the patch grid: along {'xy'[a]} they step by {g} pixels, "
-                             f"not a multiple of the level-0 patch size {size} ({source}); first off-grid: "
+                             f"not a multiple of the {noun} {step} ({origin}); first off-grid: "
                              f"row {row} {coords[row].tolist()}")
-    wide = [(g, a) for a, g in enumerate(steps) if g > size]
+    wide = [(g, a) for a, g in enumerate(steps) if g > step]
     if wide:
         g, a = min(wide)
-        fix = f"pass patch_size={g} / --patch-size {g}" + (f", or fix the file's {attr}" if attr else "")
-        raise SlideError(f"{path}: the coords step by {g} pixels along {'xy'[a]} but the level-0 patch size is "
-                         f"{size} ({source}), so adjacent patches would be {g // size} cells apart and the packs "
-                         f"would be wrong: {fix}")
+        raise SlideError(f"{path}: the coords step by {g} pixels along {'xy'[a]} but the {noun} is {step} ({origin}), "
+                         f"so adjacent patches would be {g // step} cells apart and the packs would be wrong: "
+                         f"{fix.format(g=g)}")
 
 
 def _facts(path, value) -> dict:
@@ -274,7 +316,16 @@ def load_slide(path, patch_size: int | None = None) -> Slide:
     coords = coords.astype(np.int64)
     n, c = feats.shape
     size, source, attr = _patch_size(path, raw, coords, patch_size)
-    _check_grid(path, coords, size, source, attr)
+    overlap0 = _overlap_level0(path, raw, size)
+    step = size - overlap0
+    if overlap0:
+        coords = _snap_trident_edge(coords, size, step)
+        noun, origin = "grid step", f"the level-0 patch size {size} from {source}, minus the overlap {overlap0}"
+        fix = "check the file's patch size and 'overlap' attributes"
+    else:
+        noun, origin = "level-0 patch size", source
+        fix = "pass patch_size={g} / --patch-size {g}" + (f", or fix the file's {attr}" if attr else "")
+    _check_grid(path, coords, step, noun, origin, fix)
 
     extras: dict = {}
     if raw.get("summary_features") is not None:
@@ -299,7 +350,7 @@ def load_slide(path, patch_size: int | None = None) -> Slide:
     if raw.get("facts") is not None:
         extras["facts"] = _facts(path, raw["facts"])
 
-    slide = Slide(str(path), torch.from_numpy(feats), torch.from_numpy(coords), size, **extras)
+    slide = Slide(str(path), torch.from_numpy(feats), torch.from_numpy(coords), size, step, **extras)
     try:  # grid and duplicate checks (TopoLayout.from_coords); the layout is cached for later use
         slide.layout(pack_size=3)
     except SlideError as e:
