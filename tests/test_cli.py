@@ -44,3 +44,21 @@ def test_demo_pipeline_blind_control_alongside_equals_sequential(tmp_path):
         results[mode] = (metrics["final_loss"], metrics["steps"], preds)
     assert results["--parallel-blind"][1] == 3
     assert results["--parallel-blind"] == results["--no-parallel-blind"]
+
+
+def test_user_mistake_is_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["ask", str(tmp_path / "missing.h5"), "q", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("topopack ask: error:") and "model.json" in err and len(err.splitlines()) == 1
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from topopack.model.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'topopack --help imported torch'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "COMMAND" in done.stdout
