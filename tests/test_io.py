@@ -11,10 +11,14 @@ from topopack.io import Slide, SlideError, find_slides, load_slide, load_slides,
 
 
 def random_slide(rng, n=None, c=8, ps=224):
-    """Random ragged grid of unique cells, features, labels, facts."""
+    """Random ragged grid of unique cells, features, labels, facts.
+
+    The cells start with a 2x2 block, so the coords step by ``ps`` (load_slide rejects a larger step).
+    """
     h, w = rng.integers(3, 12, 2)
     n = n or int(rng.integers(1, h * w + 1))
-    cells = rng.choice(h * w, n, replace=False)
+    block = [0, 1, w, w + 1]
+    cells = np.concatenate([block, rng.permutation(np.setdiff1d(np.arange(h * w), block))])[:n]
     origin = rng.integers(0, 10_000, 2)
     coords = np.stack([origin[0] + (cells % w) * ps, origin[1] + (cells // w) * ps], 1)
     return dict(features=rng.normal(size=(n, c)).astype(np.float32), coords=coords, patch_size=ps,
@@ -321,3 +325,24 @@ def test_trident_overlap_errors(tmp_path):
     path = write_h5(tmp_path / "c.h5", np.ones((4, 2)), coords, dict(TRIDENT_OVERLAP, overlap=32))
     with pytest.raises(SlideError, match=r"c\.h5: coords are not on the patch grid.*grid step 448"):
         load_slide(path)
+
+
+def test_split_slides_takes_paths_or_slides(tmp_path):
+    """The last ceil(heldout * n) by path are held out, whether given paths (str or Path) or loaded Slides."""
+    from topopack.io import split_slides
+
+    s = random_slide(np.random.default_rng(5))
+    names = ["a.h5", "b'.h5", "c.pt", "d.h5", "e.h5"]  # a quote changes repr(Slide), which must not be the key
+    paths = [save_slide(tmp_path / n, s["features"], s["coords"], s["patch_size"]) for n in names]
+    slides = [load_slide(p) for p in paths]
+    rng = np.random.default_rng(0)
+    for heldout, n_out in ((0.0, 0), (0.2, 1), (0.3, 2), (0.5, 3)):
+        expect = ([str(p) for p in paths[:5 - n_out]], [str(p) for p in paths[5 - n_out:]])
+        for items in (paths, [str(p) for p in paths], slides):
+            items = [items[i] for i in rng.permutation(5)]
+            train, held = split_slides(items, heldout)
+            key = (lambda x: x.path) if isinstance(items[0], Slide) else str
+            assert ([key(x) for x in train], [key(x) for x in held]) == expect
+            assert all(any(x is y for y in items) for x in train + held)  # the objects given, not copies
+    with pytest.raises(ValueError, match="leaves no training slides"):
+        split_slides(slides[:1], 0.5)

@@ -391,18 +391,19 @@ def load_slides(directory, patch_size: int | None = None) -> list[Slide]:
     return slides
 
 
-def split_slides(paths: Sequence, heldout: float = 0.2) -> tuple[list, list]:
-    """Deterministic (train, held-out) split of sorted slide paths: the last ceil(heldout * n) are held out.
+def split_slides(items: Sequence, heldout: float = 0.2) -> tuple[list, list]:
+    """The one (train, held-out) split: of slide paths or Slides, sorted by path, the last ceil(heldout * n).
 
-    With topopack.model.synth's stratified plan, any run of consecutive slides is balanced.
+    Returns the items given, sorted. With topopack.model.synth's stratified plan, any run of consecutive slides
+    is balanced.
     """
-    paths = sorted(paths, key=str)
     if not 0 <= heldout < 1:
         raise ValueError(f"heldout must be a fraction in [0, 1), got {heldout}")
-    n_out = int(np.ceil(heldout * len(paths))) if heldout > 0 else 0
-    if n_out >= len(paths) and paths:
-        raise ValueError(f"heldout={heldout} leaves no training slides out of {len(paths)}")
-    return paths[:len(paths) - n_out], paths[len(paths) - n_out:]
+    items = sorted(items, key=lambda s: str(s.path if isinstance(s, Slide) else s))
+    n_out = int(np.ceil(heldout * len(items))) if heldout > 0 else 0
+    if n_out >= len(items) and items:
+        raise ValueError(f"heldout={heldout} leaves no training slides out of {len(items)}")
+    return items[:len(items) - n_out], items[len(items) - n_out:]
 
 
 # ---- writing ------------------------------------------------------------------------
