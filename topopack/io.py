@@ -201,7 +201,10 @@ def _overlap_level0(path, raw: dict, size: int) -> int:
     if "patch_size" not in raw:
         raise SlideError(f"{path}: has overlap {overlap:g} but no 'patch_size' attribute: TRIDENT gives the overlap in "
                          "pixels at the patch level, so its level-0 size is unknown; add the patch-level 'patch_size'")
-    overlap0 = int(round(overlap * size / _scalar(path, "patch_size", raw["patch_size"])))  # as TRIDENT rounds it
+    level_size = _scalar(path, "patch_size", raw["patch_size"])
+    if not (np.isfinite(level_size) and level_size > 0):
+        raise SlideError(f"{path}: attribute 'patch_size' must be a positive number of pixels, got {level_size:g}")
+    overlap0 = int(round(overlap * size / level_size))  # level-0 pixels, rounded as TRIDENT does
     if overlap0 >= size:
         raise SlideError(f"{path}: overlap {overlap:g} ({overlap0} pixels at level 0) is not smaller than the patch "
                          f"size {size}: fix the file's 'overlap' attribute")
@@ -281,7 +284,8 @@ def load_slide(path, patch_size: int | None = None) -> Slide:
 
     ``patch_size`` (the commands' --patch-size) overrides the level-0 patch size: needed for files that do
     not store it, CLAM files at patch_level > 0 without 'downsample', and files whose attribute is wrong.
-    Either way the coords must step by exactly that size along every axis with more than one patch.
+    Either way the coords must step by exactly that size (less a TRIDENT overlap) along every axis with more
+    than one patch position.
     """
     path = Path(path)
     if path.suffix.lower() not in SUFFIXES:
@@ -369,7 +373,10 @@ def find_slides(directory) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         raise SlideError(f"{directory}: not a directory")
-    paths = sorted(p for p in directory.iterdir() if p.suffix.lower() in SUFFIXES)
+    try:
+        paths = sorted(p for p in directory.iterdir() if p.suffix.lower() in SUFFIXES)
+    except OSError as e:
+        raise SlideError(f"{directory}: cannot list the directory ({e.strerror})") from None
     if not paths:
         raise SlideError(f"{directory}: no slide files ({', '.join(SUFFIXES)}, any case)")
     return paths
