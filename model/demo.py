@@ -13,60 +13,70 @@ Steps (embedded defaults, nothing downloaded):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from topopack import RULES_BY_NAME, TopoLayout, TopoPackAttention, topo_pack_attention
+from topopack.model.config import NON_NEGATIVE, POSITIVE, add_config_arguments, config_from_args, option, validate
 from topopack.model.timing import median_seconds
 
 
+@dataclass
+class DemoConfig:
+    # attention timing (step 1)
+    side: int = option(96, "grid side of the synthetic slide (patches); 96 is the CPU bar", check=POSITIVE)
+    pack_size: int = option(3, "pack side k", check=POSITIVE)
+    heads: int = option(8, "attention heads", check=POSITIVE)
+    head_dim: int = option(64, "head dim", check=POSITIVE)
+    rules: str = option("paper", "attention rules", choices=("paper", "bidirectional"))
+    repeats: int = option(5, "timed repeats (median)", check=POSITIVE)
+    device: str = option("cuda" if torch.cuda.is_available() else "cpu", "device")
+    backend: str = option("auto", "attention backend of the encoder: auto (triton on CUDA, portable on the CPU), "
+                                  "triton, portable, flex, reference")
+    # pipeline (steps 2-7)
+    out: str = option("demo-out", "output directory (the demo replaces its own runs there)")
+    attention_only: bool = option(False, "stop after the attention timing")
+    train_slides: int = option(4000, "synthetic training slides (cheap to make; the nodule count needs thousands "
+                                     "to generalise)", check=POSITIVE)
+    test_slides: int = option(60, "held-out slides", check=POSITIVE)
+    min_patches: int = option(300, "smallest slide (patches)", check=POSITIVE)
+    max_patches: int = option(900, "largest slide (patches)", check=POSITIVE)
+    per_slide: int = option(12, "VQA questions per slide", check=POSITIVE)
+    mae_steps: int = option(60, "MAE pretraining steps", check=POSITIVE)
+    connector_steps: int = option(100, "stage A steps (the frozen random LLM teaches the connector little)",
+                                  check=POSITIVE)
+    vqa_steps: int = option(2000, "stage B steps (and the blind control's)", check=POSITIVE)
+    batch_size: int = option(16, "questions per step", check=POSITIVE)
+    family_weights: str = option("location=8,count=4,size=2", "VQA sampling share per question family (default 1): "
+                                 "more steps on the hard whole-slide families; the blind control uses the same recipe")
+    anchors: int = option(3, "side of the Q-Former's grid of anchored queries (0 = none)", check=NON_NEGATIVE)
+    lr: float = option(3e-4, "stages A and B (3e-4 learned the whole-slide families better than 1e-3 or 1e-4)",
+                       check=POSITIVE)
+    qformer_dim: int = option(128, "Q-Former width (512 in the full model)", check=POSITIVE)
+    threads: int = option(1, "torch CPU threads per process for the small models (1 is fastest for them on a "
+                             "busy 2-core CPU)", check=POSITIVE)
+    throughput_side: int = option(192, "grid side of the slide the encoder throughput is measured on (CUDA only)",
+                                  check=POSITIVE)
+    seed: int = option(0, "seed of the data and every stage")
+    parallel_blind: bool | None = option(None, "train the blind control in a second process alongside stage B "
+                                               "(default: on the CPU when this process may use 2+ cores)")
+
+    def __post_init__(self):
+        validate(self)
+        if self.min_patches > self.max_patches:
+            raise ValueError(f"--min-patches {self.min_patches} exceeds --max-patches {self.max_patches}")
+
+
 def add_arguments(p):
-    g = p.add_argument_group("attention timing (step 1)")
-    g.add_argument("--side", type=int, default=96, help="grid side of the synthetic slide (patches); 96 is the CPU bar")
-    g.add_argument("--pack-size", type=int, default=3)
-    g.add_argument("--heads", type=int, default=8)
-    g.add_argument("--head-dim", type=int, default=64)
-    g.add_argument("--rules", choices=sorted(RULES_BY_NAME), default="paper")
-    g.add_argument("--repeats", type=int, default=5)
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--backend", default="auto", help="attention backend of the encoder: auto (triton on CUDA, "
-                                                     "portable on the CPU), triton, portable, flex, reference")
-    g = p.add_argument_group("pipeline (steps 2-7)")
-    g.add_argument("--out", default="demo-out")
-    g.add_argument("--attention-only", action="store_true", help="stop after the attention timing")
-    g.add_argument("--train-slides", type=int, default=4000,
-                   help="synthetic training slides (cheap to make; the nodule count needs thousands to generalise)")
-    g.add_argument("--test-slides", type=int, default=60)
-    g.add_argument("--min-patches", type=int, default=300)
-    g.add_argument("--max-patches", type=int, default=900)
-    g.add_argument("--per-slide", type=int, default=12, help="VQA questions per slide")
-    g.add_argument("--mae-steps", type=int, default=60)
-    g.add_argument("--connector-steps", type=int, default=400)
-    g.add_argument("--vqa-steps", type=int, default=2000)
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--family-weights", default="location=8,count=4,size=2",
-                   help="VQA sampling share per question family (default 1): more steps on the hard whole-slide "
-                        "families; the blind control uses the same recipe")
-    g.add_argument("--anchors", type=int, default=3, help="side of the Q-Former's grid of anchored queries (0 = none)")
-    g.add_argument("--lr", type=float, default=3e-4,
-                   help="stages A and B (3e-4 learned the whole-slide families better than 1e-3 or 1e-4)")
-    g.add_argument("--qformer-dim", type=int, default=128, help="Q-Former width (512 in the full model)")
-    g.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads for the small models (1 is fastest for them on a busy 2-core CPU)")
-    g.add_argument("--throughput-side", type=int, default=192,
-                   help="grid side of the slide the encoder throughput is measured on (CUDA only)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--parallel-blind", action=argparse.BooleanOptionalAction, default=None,
-                   help="train the blind control in a second process alongside stage B (default: on the CPU "
-                        "when there are 2+ cores)")
+    add_config_arguments(p, DemoConfig)
 
 
 def time_attention(args) -> None:
@@ -100,15 +110,17 @@ def time_attention(args) -> None:
 
 def make_data(out: Path, args) -> Path:
     """Step 2: training and held-out slides in separate folders; captions.json, vqa_train.json, vqa_test.json."""
+    from .parallel import usable_cores
     from .synth import write_synthetic
     from topopack.model.vqa_data import answer_stats, generate_captions, generate_vqa, write_json
 
-    kw = dict(min_patches=args.min_patches, max_patches=args.max_patches)
+    workers = usable_cores()
+    kw = dict(min_patches=args.min_patches, max_patches=args.max_patches, workers=workers)
     train = write_synthetic(out / "slides" / "train", args.train_slides, seed=args.seed, **kw)
     test = write_synthetic(out / "slides" / "test", args.test_slides, seed=args.seed + 1, **kw)
     data = out / "data"
-    write_json(data / "captions.json", generate_captions(train, args.seed, root=data))
-    write_json(data / "vqa_train.json", generate_vqa(train, args.seed, args.per_slide, root=data))
+    write_json(data / "captions.json", generate_captions(train, args.seed, root=data, workers=workers))
+    write_json(data / "vqa_train.json", generate_vqa(train, args.seed, args.per_slide, root=data, workers=workers))
     test_records = generate_vqa(test, args.seed + 1, args.per_slide, root=data)
     write_json(data / "vqa_test.json", test_records)
     stats = answer_stats(test_records)
@@ -116,6 +128,11 @@ def make_data(out: Path, args) -> Path:
           f"blind-majority accuracy by family: " +
           ", ".join(f"{k} {v['blind_majority']:.2f} (chance {v['chance']:.2f})" for k, v in stats.items()))
     return data
+
+
+def clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
 
 
 def chance_by_scale(data: Path) -> dict[str, float]:
@@ -177,13 +194,18 @@ def run_pipeline(args) -> dict:
     out = Path(args.out)
     t0 = time.perf_counter()
     timings = {}
+    cuda = torch.device(args.device).type == "cuda"
+    plan = ["data", "MAE pretraining", *(["encoder throughput"] if cuda else []), "connector (stage A)",
+            "VQA (stage B) + blind control alongside" if args.parallel_blind else "VQA (stage B)",
+            *([] if args.parallel_blind else ["blind control"]), "eval", "eval blind"]
 
     def step(name, fn):
-        t = time.perf_counter()
-        print(f"\n== {name}")
+        i, t = plan.index(name), time.perf_counter()
+        left = ", ".join(plan[i + 1:]) or "nothing"
+        print(f"\n== [{i + 1}/{len(plan)}] {name}  ({clock(t - t0)} elapsed; then {left})", flush=True)
         result = fn()
         timings[name] = round(time.perf_counter() - t, 1)
-        print(f"== {name}: {timings[name]:.1f} s")
+        print(f"== {name}: {clock(timings[name])}", flush=True)
         return result
 
     data = step("data", lambda: make_data(out, args))
@@ -191,8 +213,7 @@ def run_pipeline(args) -> dict:
                                                      steps=args.mae_steps, seed=args.seed, device=args.device,
                                                      backend=args.backend))
     encoder = out / "mae" / "encoder.pt"
-    throughput = (step("encoder throughput", lambda: measure_throughput(encoder, args))
-                  if torch.device(args.device).type == "cuda" else None)
+    throughput = step("encoder throughput", lambda: measure_throughput(encoder, args)) if cuda else None
     # the frozen encoder runs once per slide for all steps below
     cache = SummaryCache(load_encoder(encoder, backend=args.backend), args.device)
     # brief defaults otherwise (32 queries, r 128)
@@ -243,18 +264,21 @@ def run_pipeline(args) -> dict:
 
 
 def main(args) -> int:
+    from .parallel import usable_cores
+
+    args = config_from_args(DemoConfig, args)
     t0 = time.perf_counter()
     print("== attention timing")
     time_attention(args)
     if args.attention_only:
         return 0
     if args.parallel_blind is None:
-        args.parallel_blind = torch.device(args.device).type == "cpu" and (os.cpu_count() or 1) >= 2
+        args.parallel_blind = torch.device(args.device).type == "cpu" and usable_cores() >= 2
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, args.threads))
     try:
         run_pipeline(args)
     finally:
         torch.set_num_threads(threads)
-    print(f"demo total {time.perf_counter() - t0:.0f} s")
+    print(f"demo total {clock(time.perf_counter() - t0)}")
     return 0

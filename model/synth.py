@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from topopack.model.config import (FRACTION, NON_NEGATIVE, POSITIVE, add_config_arguments, config_from_args, option,
+                                   validate)
 
 TISSUE_CLASSES = ("normal parenchyma", "tumor", "tumor margin", "necrosis", "fibrous septa")
 NORMAL, TUMOR, MARGIN, NECROSIS, SEPTA = range(5)
@@ -255,53 +259,77 @@ def slide_plan(index: int) -> dict:
     return {"has_tumor": True, "count_bucket": j % 3, "largest_size": SIZE_CLASSES[(j + j // 3) % 3]}
 
 
-def write_synthetic(out, slides: int, seed: int = 0, *, min_patches: int = 300, max_patches: int = 3000,
-                    dim: int = 64, patch_size: int = 256, fmt: str = "h5", progress: bool = True) -> list[Path]:
-    """Write ``slides`` synthetic slides to ``out`` (slide_000.h5, ...); slide i depends only on (seed, i)."""
-    from tqdm import tqdm
-
+def _write_slide(job: tuple) -> Path:
+    """Slide ``i`` of a synthetic set: a function of (seed, i) only."""
     from topopack.io import save_slide
+
+    out, i, seed, min_patches, max_patches, dim, patch_size, fmt = job
+    rng = np.random.default_rng([seed, i])
+    n = int(round(math.exp(rng.uniform(math.log(min_patches), math.log(max_patches)))))
+    plan = slide_plan(i)
+    kw = {"has_tumor": plan["has_tumor"]}
+    if plan["has_tumor"]:
+        kw["num_nodules"] = (1, 2, int(rng.integers(3, 5)))[plan["count_bucket"]]
+        kw["largest_size"] = plan["largest_size"]
+        kw["largest_location"] = LOCATIONS[int(rng.integers(9))]
+    s = make_slide(rng, n, dim, patch_size, **kw)
+    return save_slide(Path(out) / f"slide_{i:03d}.{fmt}", s["features"], s["coords"], s["patch_size"],
+                      labels=s["labels"], facts=s["facts"])
+
+
+def write_synthetic(out, slides: int, seed: int = 0, *, min_patches: int = 300, max_patches: int = 3000,
+                    dim: int = 64, patch_size: int = 256, fmt: str = "h5", progress: bool = True,
+                    workers: int = 1) -> list[Path]:
+    """Write ``slides`` synthetic slides to ``out`` (slide_000.h5, ...) in ``workers`` processes; slide i depends
+    only on (seed, i)."""
+    from topopack.model.parallel import parallel_map
 
     if slides < 1 or not 1 <= min_patches <= max_patches:
         raise ValueError(f"need slides >= 1 and 1 <= min_patches <= max_patches, got {slides}, {min_patches}, {max_patches}")
+    if patch_size < 1 or dim < 1:
+        raise ValueError(f"need patch_size >= 1 and dim >= 1, got {patch_size}, {dim}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in tqdm(range(slides), desc="synth slides", disable=not progress):
-        rng = np.random.default_rng([seed, i])
-        n = int(round(math.exp(rng.uniform(math.log(min_patches), math.log(max_patches)))))
-        plan = slide_plan(i)
-        kw = {"has_tumor": plan["has_tumor"]}
-        if plan["has_tumor"]:
-            kw["num_nodules"] = (1, 2, int(rng.integers(3, 5)))[plan["count_bucket"]]
-            kw["largest_size"] = plan["largest_size"]
-            kw["largest_location"] = LOCATIONS[int(rng.integers(9))]
-        s = make_slide(rng, n, dim, patch_size, **kw)
-        paths.append(save_slide(out / f"slide_{i:03d}.{fmt}", s["features"], s["coords"], s["patch_size"],
-                                labels=s["labels"], facts=s["facts"]))
-    return paths
+    jobs = [(str(out), i, seed, min_patches, max_patches, dim, patch_size, fmt) for i in range(slides)]
+    return parallel_map(_write_slide, jobs, workers, desc="synth slides", show=progress)
 
 
 # ---- `topopack synth` -------------------------------------------------------------------
+@dataclass
+class SynthConfig:
+    out: str = option(help="output directory")
+    slides: int = option(20, "number of slides", check=POSITIVE)
+    seed: int = option(0, "seed (slide i depends only on the seed and i)")
+    min_patches: int = option(300, "smallest slide (patches, approximate)", check=POSITIVE)
+    max_patches: int = option(3000, "largest slide (patches, approximate)", check=POSITIVE)
+    dim: int = option(64, "feature width", check=POSITIVE)
+    patch_size: int = option(256, "level-0 patch size in pixels", check=POSITIVE)
+    format: str = option("h5", "file format", choices=("h5", "pt"))
+    vqa: bool = option(False, "also write vqa_train.json, vqa_test.json and captions.json (topopack.model.vqa_data)")
+    per_slide: int = option(12, "VQA records per slide (with --vqa)", check=POSITIVE)
+    heldout: float = option(0.2, "fraction of slides (the last ones, topopack.io.split_slides) for vqa_test.json",
+                            check=FRACTION)
+    workers: int = option(0, "processes (0 = every usable core)", check=NON_NEGATIVE)
+
+    def __post_init__(self):
+        validate(self)
+        if self.min_patches > self.max_patches:
+            raise ValueError(f"--min-patches {self.min_patches} exceeds --max-patches {self.max_patches}")
+
+
 def add_arguments(p) -> None:
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--slides", type=int, default=20, help="number of slides")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-patches", type=int, default=300, help="smallest slide (patches, approximate)")
-    p.add_argument("--max-patches", type=int, default=3000, help="largest slide (patches, approximate)")
-    p.add_argument("--dim", type=int, default=64, help="feature width")
-    p.add_argument("--patch-size", type=int, default=256, help="level-0 patch size in pixels")
-    p.add_argument("--format", choices=("h5", "pt"), default="h5")
-    p.add_argument("--vqa", action="store_true",
-                   help="also write vqa_train.json, vqa_test.json and captions.json (topopack.model.vqa_data)")
-    p.add_argument("--per-slide", type=int, default=12, help="VQA records per slide (with --vqa)")
-    p.add_argument("--heldout", type=float, default=0.2, help="fraction of slides (the last ones) for vqa_test.json")
+    add_config_arguments(p, SynthConfig)
 
 
 def main(args) -> int:
+    from topopack.model.parallel import usable_cores
+
+    args = config_from_args(SynthConfig, args)
+    workers = args.workers or usable_cores()
     t0 = time.perf_counter()
     paths = write_synthetic(args.out, args.slides, args.seed, min_patches=args.min_patches,
-                            max_patches=args.max_patches, dim=args.dim, patch_size=args.patch_size, fmt=args.format)
+                            max_patches=args.max_patches, dim=args.dim, patch_size=args.patch_size, fmt=args.format,
+                            workers=workers)
     from topopack.io import load_slide
 
     facts = [load_slide(p).facts for p in paths]
@@ -311,7 +339,8 @@ def main(args) -> int:
     if args.vqa:
         from .vqa_data import answer_stats, load_vqa, make_vqa_files
 
-        files = make_vqa_files(args.out, seed=args.seed, per_slide=args.per_slide, heldout=args.heldout)
+        files = make_vqa_files(args.out, seed=args.seed, per_slide=args.per_slide, heldout=args.heldout,
+                               workers=workers)
         for name, path in files.items():
             recs = load_vqa(path)
             print(f"{name}: {len(recs)} records -> {path}")

@@ -200,13 +200,20 @@ def _relative(paths: Sequence[Path], root) -> list[str]:
     return [os.path.relpath(Path(p).resolve(), Path(root).resolve()) for p in paths]
 
 
-def _load_all(slide_paths, seed, pack_size, roi_boxes):
+def _candidates_job(job: tuple) -> tuple[dict, list[_Candidate]]:
+    i, path, seed, pack_size, roi_boxes = job
+    return _slide_candidates(i, path, pack_size, np.random.default_rng([seed, 7, i]), roi_boxes)
+
+
+def _load_all(slide_paths, seed, pack_size, roi_boxes, workers: int = 1):
+    from topopack.model.parallel import parallel_map
+
     paths = [Path(p) for p in slide_paths]
     if not paths:
         raise VQAError("no slide paths given")
+    jobs = [(i, p, seed, pack_size, roi_boxes) for i, p in enumerate(paths)]
     facts, cands = [], []
-    for i, p in enumerate(paths):
-        f, c = _slide_candidates(i, p, pack_size, np.random.default_rng([seed, 7, i]), roi_boxes)
+    for f, c in parallel_map(_candidates_job, jobs, workers, desc="read slides", show=len(paths) > 100):
         facts.append(f)
         cands += c
     return paths, facts, cands
@@ -214,7 +221,8 @@ def _load_all(slide_paths, seed, pack_size, roi_boxes):
 
 def generate_vqa(slide_paths: Iterable, seed: int = 0, per_slide: int = 12,
                  kinds: Sequence[str] = ("single_choice", "multi_choice", "open"), *, families: Sequence[str] | None = None,
-                 pack_size: int = 3, root=None, max_repeat: int = 3, roi_boxes: int = 60) -> list[dict]:
+                 pack_size: int = 3, root=None, max_repeat: int = 3, roi_boxes: int = 60,
+                 workers: int = 1) -> list[dict]:
     """About ``per_slide`` * len(slides) balanced records; one third per scale, split evenly among its families.
 
     ``root``: directory the ``slide`` paths are relative to (default: the slides' common parent).
@@ -227,7 +235,7 @@ def generate_vqa(slide_paths: Iterable, seed: int = 0, per_slide: int = 12,
     if unknown:
         raise VQAError(f"unknown families {sorted(unknown)}; choose from {sorted(FAMILIES)}")
     fams = [FAMILIES[n] for n in names if set(FAMILIES[n].forms) & set(kinds)]
-    paths, facts, cands = _load_all(slide_paths, seed, pack_size, roi_boxes)
+    paths, facts, cands = _load_all(slide_paths, seed, pack_size, roi_boxes, workers)
     rels = _relative(paths, root)
     rng = np.random.default_rng([seed, 11])
     total = per_slide * len(paths)
@@ -268,9 +276,9 @@ def _caption_text(scale: str, cand: _Candidate | None, facts: dict) -> str:
 
 
 def generate_captions(slide_paths: Iterable, seed: int = 0, *, per_slide: int = 5, pack_size: int = 3, root=None,
-                      roi_boxes: int = 30) -> list[dict]:
+                      roi_boxes: int = 30, workers: int = 1) -> list[dict]:
     """Caption records for connector pretraining: per slide one WSI caption, the rest split over ROI and Patch."""
-    paths, facts, cands = _load_all(slide_paths, seed, pack_size, roi_boxes)
+    paths, facts, cands = _load_all(slide_paths, seed, pack_size, roi_boxes, workers)
     rels = _relative(paths, root)
     rng = np.random.default_rng([seed, 13])
     n_rest = max(0, per_slide - 1) * len(paths)
@@ -402,17 +410,19 @@ def answer_stats(records: Sequence[dict]) -> dict:
 
 
 def make_vqa_files(slide_dir, out_dir=None, *, seed: int = 0, per_slide: int = 12, heldout: float = 0.2,
-                   captions_per_slide: int = 5, pack_size: int = 3, **kwargs) -> dict[str, Path]:
+                   captions_per_slide: int = 5, pack_size: int = 3, workers: int = 1, **kwargs) -> dict[str, Path]:
     """Write vqa_train.json, vqa_test.json (held-out slides, see topopack.io.split_slides) and captions.json
     (training slides) into ``out_dir`` (default: ``slide_dir``); slide paths are relative to it."""
     out_dir = Path(out_dir or slide_dir)
     train, test = split_slides(find_slides(slide_dir), heldout)
     files = {"train": write_json(out_dir / "vqa_train.json",
-                                 generate_vqa(train, seed, per_slide, pack_size=pack_size, root=out_dir, **kwargs)),
+                                 generate_vqa(train, seed, per_slide, pack_size=pack_size, root=out_dir,
+                                              workers=workers, **kwargs)),
              "captions": write_json(out_dir / "captions.json",
                                     generate_captions(train, seed, per_slide=captions_per_slide, pack_size=pack_size,
-                                                      root=out_dir))}
+                                                      root=out_dir, workers=workers))}
     if test:
         files["test"] = write_json(out_dir / "vqa_test.json",
-                                   generate_vqa(test, seed + 1, per_slide, pack_size=pack_size, root=out_dir, **kwargs))
+                                   generate_vqa(test, seed + 1, per_slide, pack_size=pack_size, root=out_dir,
+                                                workers=workers, **kwargs))
     return files
