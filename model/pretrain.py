@@ -1,88 +1,123 @@
 """`topopack pretrain`: self-supervised pretraining of the slide encoder (MAE or MoCo).
 
-    topopack pretrain --stage mae --data DIR --out OUT [--steps N] [--quick] [--resume]
+    topopack pretrain --stage mae --data DIR --out OUT [--steps N] [--quick] [--resume | --overwrite]
     topopack pretrain --stage moco --data DIR --out OUT --init OUT_MAE/encoder.pt
 
 Each step draws a few slides (random crops of at most --max-patches patches, so any
 slide size fits; the grid origin moves by a random whole number of packs so absolute
 positions cannot be memorised), masks or augments them and trains through the shared trainer
 (model/trainer.py: AdamW, warm-up + cosine, accumulation, clipping, bf16 on CUDA,
-atomic checkpoints, exact --resume, torchrun). A deterministic fraction of the files
-(--heldout) is never trained on; the held-out metrics and OUT/encoder.pt are written
-at the end. Python: ``pretrain("mae", data_dir, out_dir, quick=True)``.
+atomic checkpoints, exact --resume, torchrun). The last --heldout fraction of the files by
+name (topopack.io.split_slides, the slides `topopack synth --vqa` keeps for vqa_test.json)
+is never trained on; the held-out metrics and OUT/encoder.pt are written at the end.
+Python: ``pretrain("mae", data_dir, out_dir, quick=True)``.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import time
-import zlib
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from topopack.io import Slide, load_slides
+from topopack.backends import BACKENDS
+from topopack.io import Slide, load_slides, split_slides
+from topopack.rules import RULES_BY_NAME
 
+from .config import FRACTION, NON_NEGATIVE, POSITIVE, Check, add_config_arguments, config_from_args, option, validate
 from .encoder import SlideEncoder, SlideEncoderConfig, load_encoder, save_encoder
 from .mae import MAE, PACK_MASKING, PATCH_MASKING, MAEConfig, mask_slides
 from .mae import evaluate as evaluate_mae
 from .moco import MoCo, MoCoConfig, contrast_batch
 from .moco import evaluate as evaluate_moco
-from .trainer import add_train_arguments, init_distributed, run_training, train_config_from_args, write_metrics
+from .trainer import (TrainConfig, add_train_arguments, init_distributed, prepare_output, run_training,
+                      write_metrics)
 
-# encoder/decoder size, steps and crop size with --quick (small, for CPU) and without
-ARCH = ("dim", "depth", "heads", "mlp_dim")
-QUICK = dict(dim=64, depth=2, heads=4, mlp_dim=128, dropout=0.0, dec_dim=64, steps=600, max_patches=256, slides_per_batch=4)
-FULL = dict(dim=512, depth=6, heads=8, mlp_dim=2048, dropout=0.1, dec_dim=256, steps=2000, max_patches=4096, slides_per_batch=4)
+# sizes without and with --quick (small, for a CPU); a flag given explicitly wins
+ARCH = ("dim", "depth", "heads", "mlp_dim", "dropout")  # the encoder's: from the file with --init
+_E = SlideEncoderConfig
+FULL = dict(dim=_E.dim, depth=_E.depth, heads=_E.heads, mlp_dim=_E.mlp_dim, dropout=_E.dropout, dec_dim=MAEConfig.dec_dim,
+            steps=2000, max_patches=4096, slides_per_batch=4)
+QUICK = dict(dim=64, depth=2, heads=4, mlp_dim=128, dropout=0.0, dec_dim=64, steps=600, max_patches=256,
+             slides_per_batch=4)
 EVAL_SEED = 1234
+CLOSED_UNIT = Check(lambda x: 0 <= x <= 1, "in [0, 1]")
+OPEN_UNIT = Check(lambda x: 0 < x < 1, "in (0, 1)")
+
+
+def _sized(text: str, name: str) -> str:
+    quick = "" if QUICK[name] == FULL[name] else f"; {QUICK[name]} with --quick"
+    return f"{text} (default {FULL[name]}{quick})"
+
+
+@dataclass
+class PretrainOptions:
+    """Everything but the TrainConfig; size fields left None are filled from FULL or QUICK by resolved()."""
+
+    stage: str = option(help="mae: masked patches, then masked packs; moco: contrast of pack summaries",
+                        choices=("mae", "moco"))
+    data: str = option(help="directory of slide feature files (.h5 / .pt)")
+    quick: bool = option(False, "small and short, for a CPU: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
+                         + " (a flag given explicitly wins)")
+    init: str | None = option(None, "start from this encoder.pt (its architecture wins)")
+    dim: int | None = option(None, _sized("encoder width", "dim"), check=POSITIVE)
+    depth: int | None = option(None, _sized("encoder blocks", "depth"), check=NON_NEGATIVE)
+    heads: int | None = option(None, _sized("attention heads", "heads"), check=POSITIVE)
+    mlp_dim: int | None = option(None, _sized("encoder FFN width", "mlp_dim"), check=POSITIVE)
+    dropout: float | None = option(None, _sized("encoder dropout", "dropout"), check=FRACTION)
+    pack_size: int = option(_E.pack_size, "pack side k (packs of k x k patches)", check=POSITIVE)
+    rules: str = option(_E.rules, "attention rules", choices=tuple(RULES_BY_NAME))
+    pos_embed: bool = option(_E.pos_embed, "2D sin-cos position code in the encoder")
+    center_input: bool = option(_E.center_input, "the encoder subtracts each slide's mean feature (removes "
+                                "slide-wide shifts)")
+    backend: str = option(_E.backend, "attention backend", choices=("auto", *BACKENDS))
+    heldout: float = option(0.2, "fraction of the files held out for the metrics: the last ones by name, "
+                            "as `topopack synth --vqa` holds them out", check=FRACTION)
+    max_patches: int | None = option(None, _sized("crop size (patches) per slide in a batch", "max_patches"),
+                                     check=POSITIVE)
+    slides_per_batch: int | None = option(None, _sized("slide crops per batch", "slides_per_batch"), check=POSITIVE)
+    eval_crops: int = option(4, "crops per held-out slide for the metrics", check=POSITIVE)
+    mask_ratio: float = option(MAEConfig.mask_ratio, "MAE: fraction of the patches (phase 1) or packs (phase 2) "
+                               "hidden", check=OPEN_UNIT)
+    phase2_at: float = option(0.5, "MAE: fraction of the steps after which whole packs are masked", check=CLOSED_UNIT)
+    dec_dim: int | None = option(None, _sized("MAE decoder width", "dec_dim"), check=POSITIVE)
+    dec_depth: int = option(MAEConfig.dec_depth, "MAE decoder blocks", check=POSITIVE)
+    dec_heads: int = option(MAEConfig.dec_heads, "MAE decoder heads", check=POSITIVE)
+    momentum: float = option(MoCoConfig.momentum, "MoCo: key encoder momentum", check=FRACTION)
+    queue: int = option(MoCoConfig.queue, "MoCo: negatives queue length", check=POSITIVE)
+    temperature: float = option(MoCoConfig.temperature, "MoCo: InfoNCE temperature", check=POSITIVE)
+    noise_std: float = option(MoCoConfig.noise_std, "MoCo: feature noise of the positive view", check=NON_NEGATIVE)
+    device: str | None = option(None, "default: cuda if available, else cpu")
+    threads: int | None = option(None, "CPU threads (default: 1 with --quick, else torch's default); small models "
+                                 "run much faster on one thread, above all on a busy machine", check=POSITIVE)
+
+    def __post_init__(self):
+        validate(self)
+        given = [a for a in ARCH if getattr(self, a) is not None]
+        if self.init is not None and given:
+            raise ValueError(f"--init sets the encoder architecture; drop {', '.join('--' + a.replace('_', '-') for a in given)}")
+
+    def resolved(self) -> PretrainOptions:
+        """The size fields left None filled from QUICK (--quick) or FULL; the encoder's stay None with --init."""
+        sizes = QUICK if self.quick else FULL
+        names = {f.name for f in fields(self)}
+        return replace(self, **{k: v for k, v in sizes.items() if k in names and getattr(self, k) is None
+                                and not (self.init and k in ARCH)})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stage", choices=("mae", "moco"), required=True)
-    p.add_argument("--data", required=True, help="directory of slide feature files (.h5 / .pt)")
+    add_config_arguments(p, PretrainOptions)
     add_train_arguments(p, steps=None, lr=1e-3, ckpt_every=50)
-    p.add_argument("--quick", action="store_true", help="small model, few steps, small crops (for a CPU)")
-    p.add_argument("--init", help="start from this encoder.pt (its architecture wins)")
-    p.add_argument("--dim", type=int)
-    p.add_argument("--depth", type=int)
-    p.add_argument("--heads", type=int)
-    p.add_argument("--mlp-dim", type=int)
-    p.add_argument("--dropout", type=float, help="encoder dropout (0.1; 0 with --quick)")
-    p.add_argument("--pack-size", type=int, default=3)
-    p.add_argument("--rules", choices=("paper", "bidirectional"), default="paper")
-    p.add_argument("--pos-embed", action="store_true", help="2D sin-cos position code in the encoder")
-    p.add_argument("--no-center-input", dest="center_input", action="store_false",
-                   help="feed raw features (default: the encoder subtracts each slide's mean feature)")
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--heldout", type=float, default=0.2, help="fraction of the files held out for the metrics")
-    p.add_argument("--max-patches", type=int, help="crop size (patches) per slide in a batch")
-    p.add_argument("--slides-per-batch", type=int)
-    p.add_argument("--eval-crops", type=int, default=4, help="crops per held-out slide for the metrics")
-    g = p.add_argument_group("MAE")
-    g.add_argument("--mask-ratio", type=float, default=0.75)
-    g.add_argument("--phase2-at", type=float, default=0.5, help="fraction of the steps after which whole packs are masked")
-    g.add_argument("--dec-dim", type=int)
-    g.add_argument("--dec-depth", type=int, default=2)
-    g.add_argument("--dec-heads", type=int, default=4)
-    g = p.add_argument_group("MoCo")
-    g.add_argument("--momentum", type=float, default=0.999)
-    g.add_argument("--queue", type=int, default=8192)
-    g.add_argument("--temperature", type=float, default=0.07)
-    g.add_argument("--noise-std", type=float, default=0.2)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--threads", type=int, help="CPU threads (default: 1 with --quick, else torch's default); "
-                   "small models run much faster on one thread, above all on a busy machine")
 
 
-def split_heldout(slides: list[Slide], frac: float) -> tuple[list[Slide], list[Slide]]:
-    """(train, heldout): the files with the lowest CRC32 of their name are held out (stable across runs)."""
-    if not 0 <= frac < 1:
-        raise ValueError(f"--heldout must be in [0, 1), got {frac}")
-    n_held = min(len(slides) - 1, max(1, round(frac * len(slides)))) if frac > 0 else 0
-    ranked = sorted(slides, key=lambda s: (zlib.crc32(os.path.basename(s.path).encode()), s.path))
-    held = {id(s) for s in ranked[:n_held]}
-    return [s for s in slides if id(s) not in held], [s for s in slides if id(s) in held]
+def configs(args) -> tuple[PretrainOptions, TrainConfig]:
+    """The validated options (sizes resolved) and TrainConfig of parsed ``args``."""
+    opts = config_from_args(PretrainOptions, args).resolved()
+    steps = args.steps if args.steps is not None else (QUICK if opts.quick else FULL)["steps"]
+    return opts, config_from_args(TrainConfig, args, steps=steps)
 
 
 def crop(slide: Slide, max_patches: int, gen: torch.Generator, pack_size: int = 3, max_shift: int = 16):
@@ -119,59 +154,56 @@ def eval_crops(slides, per_slide: int, k: int, max_patches: int, seed: int, pack
     return [crops[i:i + k] for i in range(0, len(crops), k)], gen
 
 
-def _resolve(args) -> None:
-    """Fills the size options left unset from --quick or the full defaults."""
-    d = QUICK if args.quick else FULL
-    for name, value in d.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, value)
-
-
-def build_encoder(args, in_dim: int) -> SlideEncoder:
-    if args.init:
-        enc = load_encoder(args.init, backend=args.backend)
+def build_encoder(opts: PretrainOptions, in_dim: int) -> SlideEncoder:
+    if opts.init:
+        enc = load_encoder(opts.init, backend=opts.backend)
         if enc.cfg.in_dim != in_dim:
-            raise ValueError(f"--init {args.init}: encoder expects in_dim={enc.cfg.in_dim}, the data has {in_dim}")
-        if enc.cfg.pack_size != args.pack_size:
-            raise ValueError(f"--init {args.init}: encoder uses pack_size={enc.cfg.pack_size}, got --pack-size {args.pack_size}")
+            raise ValueError(f"--init {opts.init}: encoder expects in_dim={enc.cfg.in_dim}, the data has {in_dim}")
+        if enc.cfg.pack_size != opts.pack_size:
+            raise ValueError(f"--init {opts.init}: encoder uses pack_size={enc.cfg.pack_size}, got --pack-size {opts.pack_size}")
         return enc
-    cfg = SlideEncoderConfig(in_dim=in_dim, dim=args.dim, depth=args.depth, heads=args.heads, mlp_dim=args.mlp_dim,
-                             dropout=args.dropout, pack_size=args.pack_size, rules=args.rules,
-                             pos_embed=args.pos_embed, center_input=args.center_input,
-                             backend=args.backend)
-    return SlideEncoder(cfg)
+    return SlideEncoder(SlideEncoderConfig(in_dim=in_dim, dim=opts.dim, depth=opts.depth, heads=opts.heads,
+                                           mlp_dim=opts.mlp_dim, dropout=opts.dropout, pack_size=opts.pack_size,
+                                           rules=opts.rules, pos_embed=opts.pos_embed,
+                                           center_input=opts.center_input, backend=opts.backend))
 
 
 def run(args, stop_after: int | None = None) -> dict:
     """Pretrains per ``args`` (see add_arguments); returns the metrics written to OUT/metrics.json."""
-    init_given = args.init is not None
-    if init_given and any(getattr(args, a) is not None for a in ARCH):
-        raise ValueError("--init sets the encoder architecture; drop --dim/--depth/--heads/--mlp-dim")
-    _resolve(args)
+    opts, cfg = configs(args)
     rank, world = init_distributed()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    prepare_output(cfg, rank)  # refuses to replace a run before any data is read
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    slides = load_slides(args.data)
+    slides = load_slides(opts.data)
     in_dims = {s.in_dim for s in slides}
     if len(in_dims) != 1:
-        raise ValueError(f"{args.data}: slides have different feature widths {sorted(in_dims)}")
-    train, held = split_heldout(slides, args.heldout)
-    cfg = train_config_from_args(args)
-    torch.manual_seed(args.seed)  # same initial weights for every run with this seed
-    encoder = build_encoder(args, in_dims.pop())
-    k, maxp, spb = encoder.cfg.pack_size, args.max_patches, args.slides_per_batch
+        raise ValueError(f"{opts.data}: slides have different feature widths {sorted(in_dims)}")
+    in_dim = in_dims.pop()
+    train, held = split_slides(slides, opts.heldout)
+    torch.manual_seed(cfg.seed)  # same initial weights for every run with this seed
+    encoder = build_encoder(opts, in_dim)
+    if rank == 0:
+        source = f"from --init {opts.init}" if opts.init else "--quick" if opts.quick else "full size"
+        arch = " ".join(f"{a}={getattr(encoder.cfg, a)}" for a in ARCH)
+        print(f"pretrain {opts.stage}: encoder {arch} ({source}); {len(train)} training slides, {len(held)} held out",
+              flush=True)
+    k, maxp, spb = encoder.cfg.pack_size, opts.max_patches, opts.slides_per_batch
+    run_config = {**asdict(opts), "data": str(Path(opts.data).resolve()), "in_dim": in_dim,
+                  "init": opts.init and str(Path(opts.init).resolve())}
 
-    if args.stage == "mae":
-        model = MAE(encoder, MAEConfig(args.mask_ratio, args.dec_dim, args.dec_depth, args.dec_heads))
+    if opts.stage == "mae":
+        model = MAE(encoder, MAEConfig(opts.mask_ratio, opts.dec_dim, opts.dec_depth, opts.dec_heads))
 
         def make_batch(step, micro, gen):
-            phase = PACK_MASKING if step >= args.phase2_at * cfg.steps else PATCH_MASKING
-            return mask_slides(sample_crops(train, spb, maxp, gen, k), k, args.mask_ratio, phase, gen).to(device)
+            phase = PACK_MASKING if step >= opts.phase2_at * cfg.steps else PATCH_MASKING
+            return mask_slides(sample_crops(train, spb, maxp, gen, k), k, opts.mask_ratio, phase, gen).to(device)
 
         on_step_end = None
     else:
-        mcfg = MoCoConfig(momentum=args.momentum, queue=args.queue, temperature=args.temperature, noise_std=args.noise_std)
+        mcfg = MoCoConfig(momentum=opts.momentum, queue=opts.queue, temperature=opts.temperature,
+                          noise_std=opts.noise_std)
         model = MoCo(encoder, mcfg)
 
         def make_batch(step, micro, gen):
@@ -182,14 +214,23 @@ def run(args, stop_after: int | None = None) -> dict:
 
     model.to(device)
     threads = torch.get_num_threads()
-    if args.threads or args.quick:
-        torch.set_num_threads(args.threads or 1)
+    if opts.threads or opts.quick:
+        torch.set_num_threads(opts.threads or 1)
     try:
         t0 = time.perf_counter()
-        result = run_training(cfg, model, lambda m, batch, step: m(batch), make_batch, on_step_end=on_step_end,
-                              desc=f"pretrain {args.stage}", stop_after=stop_after)
+        result = run_training(cfg, model, lambda m, batch, step: m(batch), make_batch, run_config=run_config,
+                              on_step_end=on_step_end, desc=f"pretrain {opts.stage}", stop_after=stop_after)
         train_s = time.perf_counter() - t0
-        metrics = _finish(args, model, encoder, result, train_s, train, held, rank, world, device, cfg)
+        metrics = {}
+        if rank == 0 and result["steps"] == cfg.steps:  # not when stopped early (as if killed)
+            metrics = {"stage": opts.stage, "final_loss": result["final_loss"], "steps": result["steps"],
+                       "train_wall_s": round(train_s, 2), "train_slides": len(train), "heldout_slides": len(held),
+                       "heldout_files": [os.path.basename(s.path) for s in held], "encoder": asdict(encoder.cfg),
+                       "world_size": world, "config": {**run_config, **asdict(cfg)}}
+            metrics.update(_evaluate(opts, model, held or train, k, device))
+            metrics["heldout_is_train"] = not held
+            save_encoder(os.path.join(cfg.out, "encoder.pt"), encoder)
+            write_metrics(cfg.out, metrics)
     finally:
         torch.set_num_threads(threads)
     if world > 1:
@@ -198,26 +239,12 @@ def run(args, stop_after: int | None = None) -> dict:
     return metrics
 
 
-def _finish(args, model, encoder, result, train_s, train, held, rank, world, device, cfg) -> dict:
-    """Held-out metrics, OUT/encoder.pt and OUT/metrics.json (rank 0, full runs only)."""
-    metrics: dict = {}
-    if rank == 0 and result["steps"] == cfg.steps:  # not when stopped early (as if killed)
-        metrics = {"stage": args.stage, "final_loss": result["final_loss"], "steps": result["steps"],
-                   "train_wall_s": round(train_s, 2), "train_slides": len(train), "heldout_slides": len(held),
-                   "encoder": asdict(encoder.cfg), "world_size": world, "args": dict(vars(args))}
-        metrics.update(_evaluate(args, model, held or train, encoder.cfg.pack_size, device))
-        metrics["heldout_is_train"] = not held
-        save_encoder(os.path.join(args.out, "encoder.pt"), encoder)
-        write_metrics(args.out, metrics)
-    return metrics
-
-
-def _evaluate(args, model, slides, k, device) -> dict:
-    batches, gen = eval_crops(slides, args.eval_crops, args.slides_per_batch, args.max_patches, EVAL_SEED, k)
-    if args.stage == "mae":
+def _evaluate(opts: PretrainOptions, model, slides, k, device) -> dict:
+    batches, gen = eval_crops(slides, opts.eval_crops, opts.slides_per_batch, opts.max_patches, EVAL_SEED, k)
+    if opts.stage == "mae":
         out = {}
         for phase, prefix in ((PATCH_MASKING, "heldout_"), (PACK_MASKING, "heldout_pack_")):
-            masked = [mask_slides(b, k, args.mask_ratio, phase, gen).to(device) for b in batches]
+            masked = [mask_slides(b, k, opts.mask_ratio, phase, gen).to(device) for b in batches]
             r = evaluate_mae(model, masked)
             out[prefix + "masked_mse"] = r["masked_mse"]
             out[prefix + "mean_baseline_mse"] = r["mean_baseline_mse"]

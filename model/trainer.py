@@ -5,6 +5,11 @@ seeded from (seed, step, micro, rank), so the data order is a pure function of t
 step. Model-internal randomness (dropout) uses the global RNGs, which are
 checkpointed. Together with the model, optimiser and scheduler state this makes
 ``--resume`` continue exactly where a run stopped.
+
+OUT rules: a new run refuses an OUT that holds a run (RUN_FILES) unless --overwrite;
+--resume refuses settings that differ from the checkpoint's ``run_config`` unless
+--allow-changed names each; only rank 0 writes. Checkpoints load with
+weights_only=True after their zip CRC-32 checksums are verified.
 """
 from __future__ import annotations
 
@@ -13,54 +18,63 @@ import math
 import os
 import random
 import tempfile
+import zipfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .config import NON_NEGATIVE, POSITIVE, Check, FRACTION, add_config_arguments, config_from_args, option, validate
+from .progress import progress
+
 CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+# an OUT holding any of these holds a run: a new run there needs --resume or --overwrite
+RUN_FILES = (CHECKPOINT, METRICS, "encoder.pt", "model.json")
+# run_config fields that may differ on --resume
+FREE_ON_RESUME = frozenset({"out", "resume", "overwrite", "allow_changed", "device", "threads", "progress"})
+START_OVER = "delete it or pass --overwrite to start over"
 
 
 @dataclass
 class TrainConfig:
-    out: str
-    steps: int = 1000
-    lr: float = 3e-4
-    weight_decay: float = 0.05
-    warmup: float = 0.05  # fraction of steps with linear warm-up, then cosine decay
-    min_lr_ratio: float = 0.1
-    grad_accum: int = 1
-    clip: float = 1.0  # max grad norm; 0 turns clipping off
-    ckpt_every: int = 50
-    seed: int = 0
-    resume: bool = False
-    bf16: bool = True  # autocast on CUDA only
+    out: str = option(help="output directory")
+    steps: int = option(1000, "optimizer steps", check=POSITIVE)
+    lr: float = option(3e-4, "peak learning rate", check=POSITIVE)
+    weight_decay: float = option(0.05, "AdamW weight decay (matrices only)", check=NON_NEGATIVE)
+    warmup: float = option(0.05, "fraction of the steps with linear warm-up, then cosine decay", check=FRACTION)
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of --lr",
+                                 check=Check(lambda x: 0 <= x <= 1, "in [0, 1]"))
+    grad_accum: int = option(1, "micro-batches per optimizer step", check=POSITIVE)
+    clip: float = option(1.0, "grad-norm clip, 0 = off", check=NON_NEGATIVE)
+    ckpt_every: int = option(50, "checkpoint every N steps (and at the end)", check=POSITIVE)
+    seed: int = option(0, "seed of the weights, data order and dropout", check=NON_NEGATIVE)
+    resume: bool = option(False, "continue exactly from OUT/checkpoint.pt")
+    overwrite: bool = option(False, "replace the run in OUT (deletes its checkpoint, metrics and model files)")
+    allow_changed: list[str] = option([], "with --resume: accept these changed settings, e.g. lr,steps")
+    bf16: bool = option(True, "bf16 autocast on CUDA")
+    progress: bool | None = option(None, "progress bar (default: on a terminal; else a status line every 10%%)")
+
+    def __post_init__(self):
+        unset = [f for f, v in asdict(self).items() if v is None and f != "progress"]
+        if unset:
+            raise ValueError(f"TrainConfig: {', '.join(unset)} must be set")
+        validate(self)
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in OUT and --overwrite replaces it: pass one of them")
 
 
 def add_train_arguments(parser, **defaults) -> None:
-    """Adds the shared training flags; ``defaults`` overrides TrainConfig's per command."""
-    d = {**{k: v for k, v in asdict(TrainConfig(out="")).items()}, **defaults}
-    parser.add_argument("--out", required="out" not in defaults, default=defaults.get("out"), help="output directory")
-    parser.add_argument("--steps", type=int, default=d["steps"], help="optimizer steps")
-    parser.add_argument("--lr", type=float, default=d["lr"])
-    parser.add_argument("--weight-decay", type=float, default=d["weight_decay"])
-    parser.add_argument("--warmup", type=float, default=d["warmup"], help="warm-up fraction of the steps")
-    parser.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="micro-batches per step")
-    parser.add_argument("--clip", type=float, default=d["clip"], help="grad-norm clip, 0 = off")
-    parser.add_argument("--ckpt-every", type=int, default=d["ckpt_every"], help="checkpoint every N steps")
-    parser.add_argument("--seed", type=int, default=d["seed"])
-    parser.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast on CUDA")
+    """The TrainConfig flags; ``defaults`` overrides its defaults for one command."""
+    add_config_arguments(parser, TrainConfig, defaults=defaults)
 
 
 def train_config_from_args(args) -> TrainConfig:
-    names = TrainConfig.__dataclass_fields__
-    return TrainConfig(**{k: getattr(args, k) for k in names if hasattr(args, k)})
+    return config_from_args(TrainConfig, args)
 
 
 # ---- distributed ----------------------------------------------------------------------
@@ -75,40 +89,138 @@ def init_distributed() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-# ---- atomic files ---------------------------------------------------------------------
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, then rename over ``path``."""
+# ---- files ----------------------------------------------------------------------------
+def _atomic_write(path: Path, write) -> None:
+    """write(binary file) to PATH.<random>.tmp in the same directory, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def atomic_save(obj, path) -> None:
+    """torch.save ``obj`` to ``path`` atomically."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _non_finite(value, name: str = "") -> list[str]:
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{name} = {value}"]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return [bad for k, v in items for bad in _non_finite(v, f"{name}.{k}" if name else str(k))]
+
+
 def write_metrics(out, metrics: dict) -> Path:
-    """Merges ``metrics`` into OUT/metrics.json atomically."""
-    path = Path(out) / "metrics.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
-    old.update(metrics)
-    fd, tmp = tempfile.mkstemp(prefix="metrics", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(old, f, indent=2)
-    os.replace(tmp, path)
+    """Merges ``metrics`` into OUT/metrics.json atomically; refuses NaN and inf (not JSON)."""
+    path = Path(out) / METRICS
+    merged = {**(json.loads(path.read_text()) if path.exists() else {}), **metrics}
+    bad = _non_finite(merged)
+    if bad:
+        raise ValueError(f"write_metrics {path}: {', '.join(bad)} is not a finite number, which JSON cannot hold; "
+                         f"nothing written")
+    text = json.dumps(merged, indent=2, allow_nan=False)
+    _atomic_write(path, lambda f: f.write(text.encode()))
     return path
 
 
-# ---- RNG state ------------------------------------------------------------------------
+def prepare_output(cfg: TrainConfig, rank: int = 0) -> Path:
+    """Checks OUT before any expensive work: a new run refuses an OUT holding a run unless --overwrite
+    (then rank 0 deletes the RUN_FILES); --resume needs OUT/checkpoint.pt. Rank 0 creates OUT and removes
+    temporary files our atomic writes left there when killed."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; give a directory")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if cfg.resume and CHECKPOINT not in found:
+        raise FileNotFoundError(f"--resume: no checkpoint at {out / CHECKPOINT}; run without --resume to start")
+    if found and not (cfg.resume or cfg.overwrite):
+        raise FileExistsError(f"--out {out} already holds a run ({', '.join(found)}): pass --resume to continue it "
+                              f"or --overwrite to replace it")
+    if rank == 0:
+        if cfg.overwrite:
+            for name in found:
+                (out / name).unlink()
+        for name in RUN_FILES:
+            for tmp in out.glob(f"{name}*.tmp"):
+                tmp.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def load_checkpoint(path) -> dict:
+    """The state run_training saved in ``path`` (on the CPU), its checksums verified, loaded with weights_only."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()  # CRC-32 of every member, as torch.save stored them
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ValueError(f"{path}: damaged or not a checkpoint ({e}); {START_OVER}") from None
+    if bad is not None:
+        raise ValueError(f"{path}: checksum mismatch in {bad}, the file is damaged; {START_OVER}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses anything but tensors and plain containers
+        raise ValueError(f"{path}: cannot be loaded safely ({str(e).splitlines()[0]}); {START_OVER}") from None
+    keys = {"model", "optimizer", "scheduler", "step", "history", "rng", "run_config"}
+    if not isinstance(state, dict) or not keys <= set(state):
+        raise ValueError(f"{path}: not a topopack training checkpoint (needs keys {sorted(keys)}); {START_OVER}")
+    return state
+
+
+# ---- run config -----------------------------------------------------------------------
+def _json(value, what: str):
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{what} must be JSON-able (str, int, finite float, bool, None, lists, dicts): {e}") from None
+
+
+def full_run_config(cfg: TrainConfig, run_config: dict) -> dict:
+    """``run_config`` plus the TrainConfig fields, as JSON values."""
+    train = _json(asdict(cfg), "TrainConfig")
+    extra = _json(run_config, "run_config")
+    clash = sorted(k for k in set(train) & set(extra) if train[k] != extra[k])
+    if clash:
+        raise ValueError(f"run_config disagrees with the TrainConfig on {clash}")
+    return {**extra, **train}
+
+
+def check_resume(saved: dict, new: dict, step: int, path) -> dict:
+    """The changed fields of ``new`` against the checkpoint's ``saved`` run config, {name: (old, new)};
+    ValueError unless new["allow_changed"] names them all, or if new["steps"] is below the checkpoint's step."""
+    if new["steps"] < step:
+        raise ValueError(f"--resume: --steps {new['steps']} is below the step of {path} ({step}); "
+                         f"pass --steps {step} or more")
+    absent = "(absent)"
+    names = sorted((set(saved) | set(new)) - FREE_ON_RESUME)
+    changes = {k: (saved.get(k, absent), new.get(k, absent)) for k in names if saved.get(k, absent) != new.get(k, absent)}
+    unknown = sorted(set(new["allow_changed"]) - set(saved) - set(new))
+    if unknown:
+        raise ValueError(f"--allow-changed {','.join(unknown)}: no such setting; settings: {', '.join(names)}")
+    refused = [k for k in changes if k not in new["allow_changed"]]
+    if refused:
+        lines = "".join(f"\n  {k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused)
+        raise ValueError(f"--resume: settings differ from {path}:{lines}\nresume with the checkpoint's settings, "
+                         f"or accept the change with --allow-changed {','.join(refused)}")
+    return changes
+
+
+# ---- RNG state (plain tensors and numbers, so weights_only can load it) ---------------------
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "gauss": float(gauss)},
+             "python": {"version": version, "state": list(mt), "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -116,8 +228,10 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -132,49 +246,65 @@ def batch_generator(seed: int, step: int, micro: int, rank: int) -> torch.Genera
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 101 + rank)
 
 
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    warm = max(1, int(cfg.warmup * cfg.steps))
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        t = (step - warm) / max(1, cfg.steps - warm)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    return f
+# ---- optimiser and schedule -----------------------------------------------------------------
+def build_optimizer(params, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (group 0), none on biases and norms (group 1)."""
+    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr)
 
 
-def run_training(cfg: TrainConfig, model: nn.Module, loss_fn, make_batch, *, on_step_end=None,
+def build_scheduler(opt, cfg: TrainConfig):
+    """Linear warm-up over the first ``warmup`` fraction of the steps, then cosine decay to ``min_lr_ratio``."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup  # costs seconds: only when training
+
+    return get_cosine_with_min_lr_schedule_with_warmup(opt, int(cfg.warmup * cfg.steps), cfg.steps,
+                                                       min_lr_rate=cfg.min_lr_ratio)
+
+
+def _apply_settings(opt, sched, cfg: TrainConfig) -> None:
+    """After loading their states: this run's lr and weight decay (the same values unless --allow-changed)."""
+    for group, decay in zip(opt.param_groups, (cfg.weight_decay, 0.0)):
+        group["initial_lr"], group["weight_decay"] = cfg.lr, decay
+    sched.base_lrs = [cfg.lr] * len(opt.param_groups)
+    for group, f in zip(opt.param_groups, sched.lr_lambdas):
+        group["lr"] = cfg.lr * f(sched.last_epoch)
+
+
+def run_training(cfg: TrainConfig, model: nn.Module, loss_fn, make_batch, *, run_config: dict, on_step_end=None,
                  desc: str = "train", stop_after: int | None = None) -> dict:
     """Trains ``model`` for cfg.steps optimizer steps; see the module docstring.
 
     loss_fn(model, batch, step) -> (loss, {name: float}); make_batch(step, micro, gen) -> batch;
-    on_step_end(step, bare_model) after each optimizer step. ``stop_after`` ends the run after
-    that step as if it had been killed (for resume tests).
+    on_step_end(step, bare_model) after each optimizer step. ``run_config``: JSON-able dict of everything
+    else that defines the run (architecture, data path, stage options); stored in the checkpoint with the
+    TrainConfig and compared on --resume. ``stop_after`` ends the run after that step as if it had been
+    killed (for resume tests).
     """
-    from tqdm.auto import tqdm
-
     rank, world = init_distributed()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output(cfg, rank)
+    run_config = full_run_config(cfg, run_config)
     ckpt_path = out / CHECKPOINT
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("run_training: the model has no trainable parameters")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    opt = build_optimizer(params, cfg)
+    sched = build_scheduler(opt, cfg)
     start, history = 0, []
     if cfg.resume:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
+        state = load_checkpoint(ckpt_path)
+        changes = check_resume(state["run_config"], run_config, state["step"], ckpt_path)
+        for k, (old, new) in changes.items():
+            if rank == 0:
+                print(f"{desc}: --allow-changed {k}: {old!r} -> {new!r}")
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise ValueError(f"{ckpt_path}: its weights do not fit this model ({str(e).splitlines()[0]}); "
+                             f"resume with the checkpoint's architecture") from None
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        _apply_settings(opt, sched, cfg)
         start, history = state["step"], state["history"]
         _set_rng_state(state["rng"])
     else:
@@ -187,9 +317,10 @@ def run_training(cfg: TrainConfig, model: nn.Module, loss_fn, make_batch, *, on_
     def save(step: int) -> None:
         if rank == 0:
             atomic_save({"model": bare.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                         "step": step, "history": history, "rng": _rng_state(), "config": asdict(cfg)}, ckpt_path)
+                         "step": step, "history": history, "rng": _rng_state(), "run_config": run_config}, ckpt_path)
 
-    bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, disable=rank != 0, dynamic_ncols=True)
+    bar = progress(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, bar=cfg.progress,
+                   disable=rank != 0)
     model.train()
     for step in bar:
         opt.zero_grad(set_to_none=True)
@@ -206,11 +337,12 @@ def run_training(cfg: TrainConfig, model: nn.Module, loss_fn, make_batch, *, on_
             raise FloatingPointError(f"{desc}: loss is {totals['loss']} at step {step}; last checkpoint kept at {ckpt_path}")
         if cfg.clip > 0:
             totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+        lr = opt.param_groups[0]["lr"]  # the rate this step uses
         opt.step()
         sched.step()
         if on_step_end is not None:
             on_step_end(step, bare)
-        history.append({"step": step + 1, "lr": sched.get_last_lr()[0], **totals})
+        history.append({"step": step + 1, "lr": lr, **totals})
         bar.set_postfix({k: f"{v:.4g}" for k, v in totals.items() if k != "grad_norm"})
         done = step + 1
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
@@ -218,5 +350,4 @@ def run_training(cfg: TrainConfig, model: nn.Module, loss_fn, make_batch, *, on_
         if stop_after is not None and done >= stop_after:
             break
     bar.close()
-    final = history[-1]["loss"] if history else float("nan")
-    return {"final_loss": final, "history": history, "steps": len(history) and history[-1]["step"]}
+    return {"final_loss": history[-1]["loss"], "history": history, "steps": history[-1]["step"]}

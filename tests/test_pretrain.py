@@ -1,6 +1,8 @@
-"""MAE masking and decoder, MoCo pieces, and `topopack pretrain` (resume, torchrun)."""
+"""MAE masking and decoder, MoCo pieces, and `topopack pretrain` (flags, held-out split, resume, OUT, torchrun)."""
+import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -8,13 +10,16 @@ import pytest
 import torch
 
 from topopack import TopoLayout
-from topopack.io import load_slides
+from topopack.io import load_slides, split_slides
 from topopack.model.encoder import SlideEncoder, SlideEncoderConfig, load_encoder
 from topopack.model.mae import MAE, MAEConfig, mask_slides
 from topopack.model.moco import MoCo, MoCoConfig, contrast_batch, pack_neighbours
-from topopack.model.pretrain import crop, pretrain, sample_crops, split_heldout
-from topopack.model.trainer import batch_generator
+from topopack.model import pretrain as pretrain_module
+from topopack.model import trainer
+from topopack.model.pretrain import QUICK, add_arguments, crop, pretrain, sample_crops
 from topopack.model.synth import write_synthetic
+from topopack.model.trainer import CHECKPOINT, batch_generator, load_checkpoint
+from topopack.model.vqa_data import load_vqa, make_vqa_files
 
 C = 8
 TINY = dict(dim=16, depth=1, heads=2, mlp_dim=32, dec_dim=16, dec_heads=2, max_patches=40, slides_per_batch=2,
@@ -156,11 +161,8 @@ def test_momentum_update_and_queue():
 
 
 # ---- data helpers -----------------------------------------------------------------------
-def test_heldout_split_and_crops(data):
+def test_crops(data):
     slides = load_slides(data)
-    train, held = split_heldout(slides, 0.4)
-    assert len(held) == 2 and len(train) == 3
-    assert {s.path for s in held} == {s.path for s in split_heldout(list(reversed(slides)), 0.4)[1]}
     s = slides[0]
     g = torch.Generator().manual_seed(0)
     f, coords, ps, origin = crop(s, 50, g, pack_size=3)
@@ -179,11 +181,11 @@ def test_resume_is_exact(tmp_path, data, stage):
     kw = dict(TINY, steps=6, ckpt_every=2, phase2_at=0.5)
     whole = pretrain(stage, data, tmp_path / "whole", **kw)
     pretrain(stage, data, tmp_path / "cut", stop_after=2, **kw)
-    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert load_checkpoint(tmp_path / "cut" / CHECKPOINT)["step"] == 2
     resumed = pretrain(stage, data, tmp_path / "cut", resume=True, **kw)
     assert resumed["final_loss"] == whole["final_loss"]
-    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["model"]
+    a = load_checkpoint(tmp_path / "whole" / CHECKPOINT)["model"]
+    b = load_checkpoint(tmp_path / "cut" / CHECKPOINT)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     metrics = json.loads((tmp_path / "cut" / "metrics.json").read_text())
     keys = ("heldout_masked_mse", "heldout_mean_baseline_mse") if stage == "mae" else ("heldout_pos_cos", "heldout_neg_cos")
@@ -209,11 +211,75 @@ def test_torchrun_two_processes(tmp_path, data):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 3
-    state = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
-    train, _ = split_heldout(load_slides(data), 0.2)
+    state = load_checkpoint(out / CHECKPOINT)["model"]
+    train, _ = split_slides(load_slides(data), 0.2)
     keys = 0
     for step in range(3):
         for rank in range(2):
             for f, coords, ps, origin in sample_crops(train, 2, 40, batch_generator(0, step, 0, rank)):
                 keys += TopoLayout.from_coords(coords, ps, 3, origin=origin).num_packs
     assert int(state["queue_ptr"]) == keys % TINY["queue"]
+
+
+# ---- flags, log, held-out split ---------------------------------------------------------
+@pytest.mark.parametrize("flag", [["--steps", "0"], ["--mask-ratio", "1.5"], ["--heldout", "1"], ["--dim", "0"],
+                                  ["--max-patches", "0"], ["--queue", "0"], ["--temperature", "0"],
+                                  ["--dropout", "1"], ["--rules", "sideways"]], ids=lambda f: " ".join(f))
+def test_bad_flags_fail_at_parse_time(flag, capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--stage", "mae", "--data", "d", "--out", "o", *flag])
+    assert flag[0] in capsys.readouterr().err
+
+
+QUICK_RUN = dict(quick=True, steps=1, max_patches=40, slides_per_batch=2, eval_crops=1, threads=1)
+
+
+def test_quick_architecture_is_in_help_and_log(tmp_path, data, capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    helptext = " ".join(parser.format_help().split())
+    assert all(f"{k}={v}" in helptext for k, v in QUICK.items())
+    pretrain("mae", data, tmp_path, **QUICK_RUN)
+    enc = load_encoder(tmp_path / "encoder.pt").cfg
+    log = capsys.readouterr().out
+    assert f"encoder dim={enc.dim} depth={enc.depth} heads={enc.heads} mlp_dim={enc.mlp_dim}" in log and "--quick" in log
+    assert (enc.dim, enc.depth, enc.heads, enc.mlp_dim) == tuple(QUICK[k] for k in ("dim", "depth", "heads", "mlp_dim"))
+
+
+def test_heldout_slides_are_the_vqa_test_slides(tmp_path, data):
+    """pretrain holds out the slides `topopack synth --vqa` keeps for vqa_test.json (same --heldout)."""
+    make_vqa_files(data, tmp_path, per_slide=1, heldout=0.4)
+    vqa_test = {os.path.basename(r["slide"]) for r in load_vqa(tmp_path / "vqa_test.json")}
+    metrics = pretrain("mae", data, tmp_path / "run", heldout=0.4, **QUICK_RUN)
+    assert set(metrics["heldout_files"]) == vqa_test and metrics["heldout_slides"] == len(vqa_test) == 2
+
+
+# ---- resume and OUT ---------------------------------------------------------------------
+def test_resume_refuses_changed_settings(tmp_path, data):
+    kw = dict(TINY, steps=4, ckpt_every=2)
+    pretrain("mae", data, tmp_path / "cut", stop_after=2, **kw)
+    other = tmp_path / "copy"
+    shutil.copytree(data, other)
+    for change, text in [(dict(mask_ratio=0.5), "mask_ratio: 0.75 -> 0.5"), (dict(data=other), "data: "),
+                         (dict(dim=32), "dim: 16 -> 32"), (dict(lr=1e-2), "lr: 0.003 -> 0.01")]:
+        with pytest.raises(ValueError, match=r"--resume: settings differ") as e:
+            pretrain("mae", change.pop("data", data), tmp_path / "cut", resume=True, **{**kw, **change})
+        assert text in str(e.value)
+    assert load_checkpoint(tmp_path / "cut" / CHECKPOINT)["step"] == 2
+
+
+def test_new_run_refuses_a_finished_run_before_reading_data(tmp_path, data):
+    pretrain("mae", data, tmp_path, **QUICK_RUN)
+    before = (tmp_path / "encoder.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
+        pretrain("mae", tmp_path / "no such data", tmp_path, **QUICK_RUN)
+    assert (tmp_path / "encoder.pt").read_bytes() == before
+
+
+def test_only_rank_zero_writes(tmp_path, data, monkeypatch):
+    for module in (trainer, pretrain_module):
+        monkeypatch.setattr(module, "init_distributed", lambda: (1, 1))
+    assert pretrain("mae", data, tmp_path / "out", **QUICK_RUN) == {}
+    assert not (tmp_path / "out").exists()
