@@ -17,13 +17,13 @@ DEFAULT_MODEL = "demo-out/vqa"
 class Assistant:
     """A loaded model: ``assistant(slide, question, region=None, sample=False, temperature=1.0) -> str``."""
 
-    def __init__(self, model_dir=DEFAULT_MODEL, device="cpu"):
+    def __init__(self, model_dir=DEFAULT_MODEL, device="cpu", patch_size: int | None = None):
         from topopack.model.model_dir import load_model
         from topopack.model.summaries import SummaryCache
 
         self.vlm, encoder, self.meta = load_model(model_dir, device=device)
         self.vlm.eval()
-        self.cache = SummaryCache(encoder, device)
+        self.cache = SummaryCache(encoder, device, patch_size)
 
     def __call__(self, slide, question: str, region=None, *, sample: bool = False, temperature: float = 1.0,
                  max_new_tokens: int = MAX_NEW_TOKENS, seed: int | None = None) -> str:
@@ -40,11 +40,11 @@ _LOADED: dict = {}
 
 
 def ask(slide, question: str, region=None, *, model=DEFAULT_MODEL, sample: bool = False, temperature: float = 1.0,
-        device="cpu", **kw) -> str:
+        device="cpu", patch_size: int | None = None, **kw) -> str:
     """Answer ``question`` about ``slide`` (an h5/pt feature file) in ``region`` (level-0 box) or the whole slide."""
-    key = (str(model), str(device))
+    key = (str(model), str(device), patch_size)
     if key not in _LOADED:
-        _LOADED[key] = Assistant(model, device)
+        _LOADED[key] = Assistant(model, device, patch_size)
     return _LOADED[key](slide, question, region, sample=sample, temperature=temperature, **kw)
 
 
@@ -64,6 +64,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for --sample")
     p.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--patch-size", type=positive_int, default=None,
+                   help="level-0 patch size of the slide file, for files that lack it")
 
 
 def main(args) -> int:
@@ -72,6 +74,6 @@ def main(args) -> int:
     quiet_transformers()
     answer = ask(args.slide, args.question, parse_region(args.region), model=args.model, sample=args.sample,
                  temperature=args.temperature, device=args.device, seed=args.seed,
-                 max_new_tokens=args.max_new_tokens)
+                 max_new_tokens=args.max_new_tokens, patch_size=args.patch_size)
     print(answer)
     return 0

@@ -132,7 +132,7 @@ def predict(vlm, samples, batch_size: int = 32, **gen_kw) -> list[str]:
 
 
 def evaluate(model_dir, data, out=None, *, device="cpu", batch_size: int = 32, limit: int | None = None,
-             cache=None, max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
+             cache=None, max_new_tokens: int = MAX_NEW_TOKENS, patch_size: int | None = None) -> dict:
     """Score ``model_dir`` on the VQA records in ``data``; writes metrics.json, eval.md, predictions.jsonl to out."""
     from topopack.model.model_dir import load_model
     from topopack.model.records import load_records
@@ -141,7 +141,7 @@ def evaluate(model_dir, data, out=None, *, device="cpu", batch_size: int = 32, l
 
     vlm, encoder, meta = load_model(model_dir, device=device)
     records = load_records(data, "eval")[:limit]
-    samples = make_samples(records, vlm.tokenizer, cache or SummaryCache(encoder, device), with_answer=False)
+    samples = make_samples(records, vlm.tokenizer, cache or SummaryCache(encoder, device, patch_size), with_answer=False)
     preds = predict(vlm, samples, batch_size, max_new_tokens=max_new_tokens)
     metrics = score_records(records, preds)
     metrics["model"], metrics["blind"] = str(model_dir), bool(meta.get("blind"))
@@ -163,11 +163,13 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--limit", type=positive_int, default=None, help="score only the first N questions")
     p.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS, help="answer length cap")
+    p.add_argument("--patch-size", type=positive_int, default=None,
+                   help="level-0 patch size of the slide files, for files that lack it")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def main(args) -> int:
     metrics = evaluate(args.model, args.data, args.out, device=args.device, batch_size=args.batch_size,
-                       limit=args.limit, max_new_tokens=args.max_new_tokens)
+                       limit=args.limit, max_new_tokens=args.max_new_tokens, patch_size=args.patch_size)
     print(markdown_table(metrics))
     return 0

@@ -45,6 +45,8 @@ class FinetuneConfig:
                                               "location=3,count=2 (default 1 each)",
                                         check=Check(_family_weights_ok, "FAMILY=WEIGHT items with weights > 0, e.g. location=3,count=2"))
     device: str = option("cuda" if torch.cuda.is_available() else "cpu", "device")
+    patch_size: int | None = option(None, "level-0 patch size of the slide files, for files that lack it (CLAM at "
+                                          "level > 0 without downsample)", check=POSITIVE)
 
     def __post_init__(self):
         validate(self)
@@ -88,7 +90,8 @@ def _run(fcfg: FinetuneConfig, cfg, qformer_cfg: QFormerConfig, tiny: TinyLlamaC
     records = load_records(fcfg.data, fcfg.stage)
     texts = vocabulary_texts(records)
     encoder = load_encoder(fcfg.encoder)
-    cache = cache or SummaryCache(encoder, fcfg.device)  # a shared cache must hold this encoder's summaries
+    # a shared cache must hold this encoder's summaries
+    cache = cache or SummaryCache(encoder, fcfg.device, patch_size=fcfg.patch_size)
     cache.encode_all(r["slide"] for r in records)
     vlm, meta = build_model(fcfg.stage, encoder, texts, llm_path=fcfg.llm, init=fcfg.init, blind=fcfg.blind,
                             qformer_cfg=qformer_cfg, tiny=tiny, lora=lora, seed=cfg.seed, out=cfg.out,

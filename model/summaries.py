@@ -19,7 +19,7 @@ class EncodedSlide:
     positions: torch.Tensor   # [P, 2] pack centres in [0, 1]
     layout: object            # the slide's TopoLayout (cpu), for region -> packs
     origin: tuple[int, int]
-    patch_size: int
+    cell_size: int            # level-0 grid step (the patch size, less any TRIDENT overlap)
 
 
 class SummaryCache:
@@ -29,16 +29,17 @@ class SummaryCache:
     (the input the encoder's summary token starts from), so the connector sees the slide's features directly too.
     """
 
-    def __init__(self, encoder: SlideEncoder, device="cpu"):
+    def __init__(self, encoder: SlideEncoder, device="cpu", patch_size: int | None = None):
         self.encoder = freeze(encoder).eval().to(device)
         self.device = torch.device(device)
+        self.patch_size = patch_size  # level-0 patch size for files that lack or misstate it (load_slide)
         self.slides: dict[str, EncodedSlide] = {}
 
     @torch.no_grad()
     def get(self, path) -> EncodedSlide:
         key = str(Path(path).resolve())
         if key not in self.slides:
-            s = load_slide(key)
+            s = load_slide(key, patch_size=self.patch_size)
             k = self.encoder.cfg.pack_size
             layout = s.layout(pack_size=k, origin=s.origin)
             dev = self.device
@@ -49,7 +50,7 @@ class SummaryCache:
             raw = feats.new_zeros(layout.num_packs, feats.shape[1]).index_add_(0, layout.patch_pack.long(), feats)
             raw /= layout.pack_patch_count.to(raw.dtype).clamp_min(1)[:, None]
             memory = torch.cat([out.summaries[0].float().cpu(), raw], -1)
-            self.slides[key] = EncodedSlide(memory, pack_positions(layout), layout, s.origin, s.patch_size)
+            self.slides[key] = EncodedSlide(memory, pack_positions(layout), layout, s.origin, s.cell_size)
         return self.slides[key]
 
     def memory_dim(self, path) -> int:
@@ -63,7 +64,7 @@ class SummaryCache:
 
     def region(self, path, box=None) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.get(path)
-        idx = packs_in_region(e.layout, e.origin, e.patch_size, box)
+        idx = packs_in_region(e.layout, e.origin, e.cell_size, box)
         return e.summaries[idx], e.positions[idx]
 
 

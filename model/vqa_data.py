@@ -97,7 +97,7 @@ def _slide_candidates(idx: int, path, pack_size: int, rng, roi_boxes: int) -> tu
         out += [_Candidate("size", idx, f["largest_size"], None), _Candidate("location", idx, f["largest_location"], None)]
 
     layout = slide.layout(pack_size)
-    k, ps = pack_size, slide.patch_size
+    k, ps = pack_size, slide.cell_size
     ox, oy = slide.origin
     cell = layout.pack_cell.numpy()  # [P, 2] (row, col)
     counts = np.zeros((layout.num_packs, nc), np.int64)

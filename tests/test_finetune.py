@@ -198,3 +198,22 @@ def test_family_weights_scale_a_familys_share(world):
         sample_weights(recs, "family", {fams[0]: 0.0})
     with pytest.raises(ValueError, match="FAMILY=WEIGHT"):
         parse_family_weights("location:3")
+
+
+def test_patch_size_flag_reads_files_without_the_attribute(world, tmp_path):
+    """A slide file whose patch size is unknown loads with --patch-size (SummaryCache(patch_size=...)) and gives the
+    same memory tokens as the original file; without it the error asks for the flag."""
+    import h5py
+
+    from topopack.io import SlideError, load_slide
+
+    root, data, enc = world
+    src = load_records(data, "vqa")[0]["slide"]
+    s = load_slide(src)
+    bare = tmp_path / "bare.h5"
+    with h5py.File(bare, "w") as f:
+        f["features"], f["coords"] = s.features.numpy(), s.coords.numpy()
+    with pytest.raises(SlideError, match="--patch-size"):
+        SummaryCache(load_encoder(enc)).get(bare)
+    got = SummaryCache(load_encoder(enc), patch_size=s.patch_size).region(bare)[0]
+    torch.testing.assert_close(got, SummaryCache(load_encoder(enc)).region(src)[0])
