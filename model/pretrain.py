@@ -39,8 +39,8 @@ from .trainer import (TrainConfig, add_train_arguments, init_distributed, prepar
 # sizes without and with --quick (small, for a CPU); a flag given explicitly wins
 ARCH = ("dim", "depth", "heads", "mlp_dim", "dropout")  # the encoder's: from the file with --init
 _E = SlideEncoderConfig
-FULL = dict(dim=_E.dim, depth=_E.depth, heads=_E.heads, mlp_dim=_E.mlp_dim, dropout=_E.dropout, dec_dim=MAEConfig.dec_dim,
-            steps=2000, max_patches=4096, slides_per_batch=4)
+FULL = dict(dim=_E.dim, depth=_E.depth, heads=_E.heads, mlp_dim=_E.mlp_dim, dropout=_E.dropout,
+            dec_dim=MAEConfig.dec_dim, steps=2000, max_patches=4096, slides_per_batch=4)
 QUICK = dict(dim=64, depth=2, heads=4, mlp_dim=128, dropout=0.0, dec_dim=64, steps=600, max_patches=256,
              slides_per_batch=4)
 EVAL_SEED = 1234
@@ -98,7 +98,8 @@ class PretrainOptions:
         validate(self)
         given = [a for a in ARCH if getattr(self, a) is not None]
         if self.init is not None and given:
-            raise ValueError(f"--init sets the encoder architecture; drop {', '.join('--' + a.replace('_', '-') for a in given)}")
+            flags = ", ".join("--" + a.replace("_", "-") for a in given)
+            raise ValueError(f"--init sets the encoder architecture; drop {flags}")
 
     def resolved(self) -> PretrainOptions:
         """The size fields left None filled from QUICK (--quick) or FULL; the encoder's stay None with --init."""

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import NON_NEGATIVE, POSITIVE, Check, FRACTION, add_config_arguments, config_from_args, option, validate
+from .config import FRACTION, NON_NEGATIVE, POSITIVE, Check, add_config_arguments, config_from_args, option, validate
 from .progress import progress
 
 CHECKPOINT = "checkpoint.pt"
@@ -199,9 +199,9 @@ def check_resume(saved: dict, new: dict, step: int, path) -> dict:
     if new["steps"] < step:
         raise ValueError(f"--resume: --steps {new['steps']} is below the step of {path} ({step}); "
                          f"pass --steps {step} or more")
-    absent = "(absent)"
     names = sorted((set(saved) | set(new)) - FREE_ON_RESUME)
-    changes = {k: (saved.get(k, absent), new.get(k, absent)) for k in names if saved.get(k, absent) != new.get(k, absent)}
+    pairs = {k: (saved.get(k, "(absent)"), new.get(k, "(absent)")) for k in names}
+    changes = {k: (old, now) for k, (old, now) in pairs.items() if old != now}
     unknown = sorted(set(new["allow_changed"]) - set(saved) - set(new))
     if unknown:
         raise ValueError(f"--allow-changed {','.join(unknown)}: no such setting; settings: {', '.join(names)}")
