@@ -27,12 +27,13 @@ class Assistant:
 
     def __call__(self, slide, question: str, region=None, *, sample: bool = False, temperature: float = 1.0,
                  max_new_tokens: int = MAX_NEW_TOKENS, seed: int | None = None) -> str:
-        from topopack.model.vlm import Sample, tokenize_turn
+        from topopack.model.prompt import encode_conversation
+        from topopack.model.vlm import Sample
 
         box = None if region is None else list(check_box(region))
-        before, after, _ = tokenize_turn(self.vlm.tokenizer, question)
+        before, after, labels = encode_conversation(self.vlm.tokenizer, [(question, None)], self.meta["prompt"])
         mem, pos = self.cache.region(slide, box)
-        return self.vlm.answer([Sample(before, after, None, mem, pos)], sample=sample, temperature=temperature,
+        return self.vlm.answer([Sample(before, after, labels, mem, pos)], sample=sample, temperature=temperature,
                                max_new_tokens=max_new_tokens, seed=seed)[0]
 
 

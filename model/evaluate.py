@@ -141,7 +141,8 @@ def evaluate(model_dir, data, out=None, *, device="cpu", batch_size: int = 32, l
 
     vlm, encoder, meta = load_model(model_dir, device=device)
     records = load_records(data, "eval")[:limit]
-    samples = make_samples(records, vlm.tokenizer, cache or SummaryCache(encoder, device, patch_size), with_answer=False)
+    samples = make_samples(records, vlm.tokenizer, cache or SummaryCache(encoder, device, patch_size),
+                           meta["prompt"], with_answer=False)
     preds = predict(vlm, samples, batch_size, max_new_tokens=max_new_tokens)
     metrics = score_records(records, preds)
     metrics["model"], metrics["blind"] = str(model_dir), bool(meta.get("blind"))

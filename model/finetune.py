@@ -95,9 +95,9 @@ def _run(fcfg: FinetuneConfig, cfg, qformer_cfg: QFormerConfig, tiny: TinyLlamaC
     cache.encode_all(r["slide"] for r in records)
     vlm, meta = build_model(fcfg.stage, encoder, texts, llm_path=fcfg.llm, init=fcfg.init, blind=fcfg.blind,
                             qformer_cfg=qformer_cfg, tiny=tiny, lora=lora, seed=cfg.seed, out=cfg.out,
-                            memory_dim=cache.memory_dim(records[0]["slide"]), write=rank == 0)
+                            memory_dim=cache.memory_dim({r["slide"] for r in records}), write=rank == 0)
     vlm.to(fcfg.device)
-    samples = make_samples(records, vlm.tokenizer, cache)
+    samples = make_samples(records, vlm.tokenizer, cache, meta["prompt"])
     weights = sample_weights(records, fcfg.sampling, parse_family_weights(fcfg.family_weights or ""))
 
     def make_batch(step, micro, gen):

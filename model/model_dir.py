@@ -17,6 +17,7 @@ import torch
 from topopack.model.encoder import SlideEncoder, load_encoder
 from topopack.model.llm import (LoraSettings, TinyLlamaConfig, add_lora, build_default_llm, build_tokenizer, freeze,
                                 load_llm, load_lora, save_llm)
+from topopack.model.prompt import default_style
 from topopack.model.qformer import QFormer, QFormerConfig
 from topopack.model.vlm import HepatoLLaVA
 
@@ -47,6 +48,7 @@ def load_model(model_dir, *, device="cpu", lora_trainable: bool = False, blind: 
     if not (d / "model.json").exists():
         raise FileNotFoundError(f"{d}: not a model directory (no model.json; train one with `topopack finetune`)")
     meta = json.loads((d / "model.json").read_text())
+    meta.setdefault("prompt", "plain")  # model directories from before prompt styles
     llm_path = Path(meta["llm"])
     llm, tokenizer = load_llm(llm_path if llm_path.is_absolute() else d / llm_path)
     freeze(llm)
@@ -112,5 +114,6 @@ def build_model(stage: str, encoder: SlideEncoder, texts: list[str], *, llm_path
             llm = add_lora(llm, lora)
         meta["lora"] = asdict(lora)
     meta["stage"] = stage
+    meta.setdefault("prompt", default_style(tokenizer, meta.get("embedded", False)))
     return HepatoLLaVA(qformer, llm, tokenizer, blind=blind), meta
 

@@ -1,11 +1,7 @@
 """Hepato-LLaVA: region summary tokens -> Q-Former -> visual tokens at ``<image>`` in an LLM prompt.
 
-Prompt format (any tokenizer; ``<image>`` never goes through the tokenizer, it is replaced by the Q-Former's
-``num_queries`` embeddings):
-
-    [bos] "USER: " <text before <image>> [visual tokens] <text after <image>> " ASSISTANT:" | " " answer [eos]
-
-Labels are -100 on the visual and prompt tokens; only the answer (and its eos) is scored.
+A Sample is a tokenized conversation (model/prompt.py): the ids before ``<image>``, the Q-Former's ``num_queries``
+visual tokens, then the ids after it with their labels (answers supervised, the rest IGNORE).
 """
 from __future__ import annotations
 
@@ -15,41 +11,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMAGE = "<image>"
-IGNORE = -100
-MAX_NEW_TOKENS = 32  # default answer length cap of eval and ask
+from topopack.model.prompt import IGNORE
+
+MAX_NEW_TOKENS = 512  # default answer length cap of eval and ask (generation stops at eos)
 
 
 @dataclass
 class Sample:
-    """One conversation turn, tokenized. ``answer`` is None at inference."""
-    before: torch.Tensor          # [Tb] int64: bos + "USER: " + text before <image>
-    after: torch.Tensor           # [Ta] text after <image> + " ASSISTANT:"
-    answer: torch.Tensor | None   # [Tn] answer + eos
+    """One conversation, tokenized (model/prompt.encode_conversation). At inference ``after`` ends with the
+    prompt of the answer to generate."""
+    before: torch.Tensor          # [Tb] int64 ids before <image>
+    after: torch.Tensor           # [Ta] ids after <image>: questions and answers
+    labels: torch.Tensor          # [Ta] the supervised ids of ``after``, IGNORE elsewhere
     memory: torch.Tensor          # [M, enc_dim] summary tokens of the region's packs
     positions: torch.Tensor       # [M, 2] pack centres in [0, 1]
-
-
-def split_prompt(text: str) -> tuple[str, str]:
-    """Split a human turn at its single ``<image>`` (prepended when absent)."""
-    n = text.count(IMAGE)
-    if n == 0:
-        text = IMAGE + "\n" + text
-    elif n > 1:
-        raise ValueError(f"a prompt may hold one {IMAGE} placeholder, got {n}: {text[:80]!r}")
-    before, after = text.split(IMAGE)
-    return before, after
-
-
-def tokenize_turn(tokenizer, question: str, answer: str | None = None):
-    """(before, after, answer) id tensors of one turn in the prompt format above."""
-    before, after = split_prompt(question)
-    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    b = bos + enc("USER: " + before.strip())
-    a = enc(after.strip() + " ASSISTANT:")
-    ans = None if answer is None else torch.tensor(enc(" " + answer.strip()) + [tokenizer.eos_token_id])
-    return torch.tensor(b, dtype=torch.long), torch.tensor(a, dtype=torch.long), ans
 
 
 def pad_memory(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,12 +65,10 @@ class HepatoLLaVA(nn.Module):
         emb = self.llm.get_input_embeddings()
         rows, labels = [], []
         for i, s in enumerate(samples):
-            ans = s.answer if s.answer is not None else s.before.new_zeros(0)
-            text = [t.to(self.device) for t in (s.before, s.after, ans)]
-            e = [emb(text[0]), vis[i].to(emb.weight.dtype), emb(text[1]), emb(text[2])]
-            rows.append(torch.cat(e, 0))
-            ignore = s.before.numel() + vis.shape[1] + s.after.numel()
-            labels.append(torch.cat([torch.full((ignore,), IGNORE, dtype=torch.long), ans.cpu()]))
+            before, after = s.before.to(self.device), s.after.to(self.device)
+            rows.append(torch.cat([emb(before), vis[i].to(emb.weight.dtype), emb(after)], 0))
+            ignore = torch.full((before.numel() + vis.shape[1],), IGNORE, dtype=torch.long)
+            labels.append(torch.cat([ignore, s.labels.cpu()]))
         t = max(r.shape[0] for r in rows)
         b, d = len(rows), rows[0].shape[1]
         embeds = rows[0].new_zeros(b, t, d)

@@ -5,7 +5,8 @@ import torch
 from topopack.model.llm import (LoraSettings, TinyLlamaConfig, add_lora, build_default_llm, build_tokenizer, load_llm,
                                 save_llm)
 from topopack.model.qformer import QFormer, QFormerConfig
-from topopack.model.vlm import IGNORE, HepatoLLaVA, Sample, tokenize_turn
+from topopack.model.prompt import IGNORE, encode_conversation
+from topopack.model.vlm import HepatoLLaVA, Sample
 
 TEXTS = ["Is there a tumor in this slide? Options: yes, no", "Where is the largest nodule? upper left",
          "Which tissue is in the box? tumor margin, necrosis, fibrous septa, normal parenchyma"]
@@ -27,8 +28,12 @@ def make_vlm(blind=False, lora=True, seed=0):
 
 def sample(tok, q, a, m, seed):
     g = torch.Generator().manual_seed(seed)
-    b, af, an = tokenize_turn(tok, q, a)
-    return Sample(b, af, an, torch.randn(m, 12, generator=g), torch.rand(m, 2, generator=g))
+    b, af, lab = encode_conversation(tok, [(q, a)], "plain")
+    return Sample(b, af, lab, torch.randn(m, 12, generator=g), torch.rand(m, 2, generator=g))
+
+
+def answer_ids(x: Sample) -> torch.Tensor:
+    return x.labels[x.labels != IGNORE]
 
 
 def test_tokenizer_and_default_llm_are_local_and_deterministic():
@@ -51,18 +56,19 @@ def test_labels_and_visual_splice():
     emb = vlm.llm.get_input_embeddings()
     q = vlm.qformer.cfg.num_queries
     for i, x in enumerate(s):
-        nb, na, nn_ = x.before.numel(), x.after.numel(), x.answer.numel()
-        n = nb + q + na + nn_
+        nb, na, nn_ = x.before.numel(), x.after.numel(), answer_ids(x).numel()
+        n = nb + q + na
         assert mask[i].sum() == n and (mask[i, :n] == 1).all()
-        assert (labels[i, :nb + q + na] == IGNORE).all()                      # prompt + visual: ignored
-        assert torch.equal(labels[i, nb + q + na:n], x.answer)                # answer (+ eos): scored
+        assert (labels[i, :nb + q + na - nn_] == IGNORE).all()                # prompt + visual: ignored
+        assert torch.equal(labels[i, n - nn_:n], x.after[-nn_:])              # answer (+ eos): scored
         assert (labels[i, n:] == IGNORE).all()                                # padding: ignored
-        assert x.answer[-1] == tok.eos_token_id
+        assert x.after[-1] == tok.eos_token_id
         torch.testing.assert_close(embeds[i, nb:nb + q], vis[i])             # visual tokens at <image>
         torch.testing.assert_close(embeds[i, :nb], emb(x.before))
         torch.testing.assert_close(embeds[i, nb + q:nb + q + na], emb(x.after))
-    # the second prompt has its image at the end of the human text: nothing of it lands after the image
-    assert tok.decode(s[1].after).replace(" ", "") == "assistant:"
+    # the second prompt has its image at the end of the human text: nothing of it lands after the image but the
+    # assistant prompt and the answer
+    assert tok.decode(s[1].after[:-nn_]).replace(" ", "") == "assistant:"
     # blind control: zeros where the visual tokens go
     blind = make_vlm(blind=True)
     e2, _, _ = blind.assemble(s)
@@ -83,8 +89,8 @@ def test_loss_only_on_answer_tokens():
     loss, _ = vlm(s)
     embeds, mask, labels = vlm.assemble(s)
     ans_pos = (labels[0] != IGNORE).nonzero().flatten()
-    assert torch.equal(labels[0, ans_pos], s[0].answer)  # exactly the answer ids + eos, at the end of the row
-    assert ans_pos.tolist() == list(range(labels.shape[1] - s[0].answer.numel(), labels.shape[1]))
+    assert torch.equal(labels[0, ans_pos], answer_ids(s[0]))  # exactly the answer ids + eos, at the end of the row
+    assert ans_pos.tolist() == list(range(labels.shape[1] - answer_ids(s[0]).numel(), labels.shape[1]))
     logits = vlm.llm(inputs_embeds=embeds, attention_mask=mask).logits[0]
     manual = torch.nn.functional.cross_entropy(logits[ans_pos - 1], labels[0, ans_pos])
     torch.testing.assert_close(loss, manual)
@@ -96,8 +102,8 @@ def teacher_forced_greedy(vlm, s: Sample, n: int) -> list[int]:
     """Greedy decoding the slow way: re-run the whole prompt + answer so far, take the argmax at the end."""
     ids: list[int] = []
     for _ in range(n):
-        embeds, mask, _ = vlm.assemble([Sample(s.before, s.after, torch.tensor(ids, dtype=torch.long), s.memory,
-                                               s.positions)])
+        grown = torch.cat([s.after, torch.tensor(ids, dtype=torch.long)])
+        embeds, mask, _ = vlm.assemble([Sample(s.before, grown, torch.full_like(grown, IGNORE), s.memory, s.positions)])
         nxt = int(vlm.llm(inputs_embeds=embeds, attention_mask=mask).logits[0, -1].argmax())
         if nxt == vlm.tokenizer.eos_token_id:
             break
