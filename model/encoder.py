@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from topopack import RULES_BY_NAME, TopoLayout, TopoPackAttention
-from topopack.layout import _segment_mean
+from topopack.layout import segment_mean as _segment_mean
 from topopack.model.timing import median_seconds
 
 from .config import FRACTION, NON_NEGATIVE, POSITIVE, option, validate

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from topopack import RULES_BY_NAME, TopoLayout
-from topopack.layout import _segment_mean
+from topopack.layout import segment_mean as _segment_mean
 
 from .encoder import Block, SlideEncoder, token_positions
 from .moco import pack_neighbours

@@ -27,6 +27,53 @@ def test_bad_coords(coords, match):
         TopoLayout.from_coords(torch.tensor(np.asarray(coords, dtype=np.float64)), 256)
 
 
+@pytest.mark.parametrize("coords, match", [
+    ([[0, 0], [1e300, 0]], "do not fit in int64"),
+    ([[-2 ** 62, 0], [2 ** 62, 0]], "span more than 2.63 - 1 pixels"),
+    ([["a", "b"]], "coords must be numbers"),
+    ([[0, 2 ** 64]], "coords must be numbers"),
+    (np.array([[0, 2 ** 63]], dtype=np.uint64), "do not fit in int64"),
+])
+def test_coords_outside_int64(coords, match):
+    with pytest.raises(LayoutError, match=match):
+        TopoLayout.from_coords(coords, 1)
+
+
+@pytest.mark.parametrize("patch_size", [float("inf"), float("nan"), 2 ** 64, "256", True, 2.5, -256])
+def test_bad_patch_size(patch_size):
+    with pytest.raises(LayoutError, match="patch_size must be a positive integer"):
+        TopoLayout.from_coords([[0, 0], [256, 0]], patch_size)
+
+
+@pytest.mark.parametrize("origin, match", [
+    ([0, 0, 0], r"origin must be 2 values \(x, y\)"),
+    (0, r"origin must be 2 values \(x, y\)"),
+    ([0, float("nan")], "origin values contain NaN or inf"),
+    ([0.5, 0], "origin values are not on the patch grid"),
+    ([300, 0], "coords lie before the given origin"),
+])
+def test_bad_origin(origin, match):
+    with pytest.raises(LayoutError, match=match):
+        TopoLayout.from_coords([[0, 0], [256, 0]], 256, origin=origin)
+
+
+@pytest.mark.parametrize("height, width, match", [
+    (2.5, 3, "height and width must be integers"),
+    (3, True, "height and width must be integers"),
+    (2 ** 40, 2 ** 40, "a slide holds at most"),
+])
+def test_bad_grid(height, width, match):
+    with pytest.raises(LayoutError, match=match):
+        TopoLayout.from_grid(height, width)
+
+
+def test_cat_refuses_what_is_not_a_layout():
+    with pytest.raises(LayoutError, match="item 1 is int 5"):
+        TopoLayout.cat([LAYOUT, 5])
+    with pytest.raises(LayoutError, match="a list of TopoLayouts, got int"):
+        TopoLayout.cat(5)
+
+
 @pytest.mark.parametrize("pack_size", [0, 5, -1, 2.5])
 def test_pack_size_out_of_range(pack_size):
     with pytest.raises(LayoutError, match="pack_size must be an integer from 1 to 4"):
@@ -64,6 +111,14 @@ def test_mismatched_devices_and_dtypes():
         topo_pack_attention(q, k.double(), v, LAYOUT)
     with pytest.raises(ValueError, match="floating point"):
         topo_pack_attention(q.long(), k, v, LAYOUT)
+
+
+@pytest.mark.parametrize("b, h", [(0, 2), (1, 0)], ids=["B=0", "H=0"])
+def test_empty_batch_or_no_heads(b, h):
+    """H = 0 used to kill the process (SIGFPE in the CPU flash kernel), B = 0 to fail in a reshape."""
+    q, k, v = (torch.randn(b, h, L, 8) for _ in range(3))
+    with pytest.raises(ValueError, match="B and H must be at least 1"):
+        topo_pack_attention(q, k, v, LAYOUT, backend="portable")
 
 
 def test_head_dim_zero():

@@ -93,6 +93,23 @@ def test_origin_keeps_pack_cells_for_a_subset(case):
     assert torch.equal(sub.patch_cell, full.patch_cell[torch.from_numpy(keep)])
 
 
+@pytest.mark.parametrize("coords", [
+    [[2 ** 62, 0], [2 ** 62 + 1, 0], [2 ** 62, 3]],  # float64 cannot tell 2^62 from 2^62 + 1
+    [[0, 0], [2 ** 32 - 1, 0], [0, 2 ** 32]],  # row * width wraps around int64
+    [[-2 ** 62 + 1, 5], [2 ** 62, 5]],  # a span of 2^63 - 1 pixels
+])
+@pytest.mark.parametrize("pack_size", [1, 2])
+def test_int64_extremes_keep_their_cells(coords, pack_size):
+    """Grid cells and packs exactly as Python integers compute them, and no false duplicates."""
+    layout = TopoLayout.from_coords(torch.tensor(coords), 1, pack_size)
+    x0, y0 = min(c[0] for c in coords), min(c[1] for c in coords)
+    cells = [(y - y0, x - x0) for x, y in coords]
+    assert layout.patch_cell.tolist() == [list(c) for c in cells]
+    packs = sorted({(r // pack_size, c // pack_size) for r, c in cells})  # row-major
+    assert layout.pack_cell.tolist() == [list(p) for p in packs]
+    assert layout.patch_pack.tolist() == [packs.index((r // pack_size, c // pack_size)) for r, c in cells]
+
+
 def test_large_slide_builds():
     layout = TopoLayout.from_grid(447, 447, 3)  # 199,809 patches
     assert layout.num_packs == 149 * 149

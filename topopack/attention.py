@@ -21,13 +21,16 @@ def _validate(q, k, v, layout: TopoLayout, rules) -> None:
             raise ValueError(f"{name} has {t.shape[2]} tokens (dim 2) but the layout has {layout.num_tokens}")
         if t.shape[-1] == 0:
             raise ValueError(f"{name} has head_dim 0")
+        if 0 in t.shape[:2]:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}: B and H must be at least 1; skip the call for an "
+                             "empty batch")
         if t.device != layout.device:
             raise ValueError(f"{name} is on {t.device} but the layout is on {layout.device}; move one with .to()")
         if not t.is_floating_point():
             raise ValueError(f"{name} must be floating point, got {t.dtype}")
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
-    if v.shape[:3] != q.shape[:3]:
+    if v.shape[:3] != q.shape[:3]:  # v may have its own head_dim, as in F.scaled_dot_product_attention
         raise ValueError(f"v must match q in [B, H, L], got {tuple(v.shape)} and {tuple(q.shape)}")
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -37,7 +40,8 @@ def topo_pack_attention(q, k, v, layout: TopoLayout, *, rules: TopoRules = PAPER
                         scale: float | None = None, backend: str | None = "auto") -> torch.Tensor:
     """Sparse topo-pack attention with the conventions of F.scaled_dot_product_attention.
 
-    q, k, v: [B, H, L, D] in the layout's token order (B > 1 shares the layout).
+    q, k: [B, H, L, D] and v: [B, H, L, Dv] in the layout's token order (B > 1 shares the
+    layout; B and H at least 1) -> [B, H, L, Dv] in the dtype of q.
     backend: "auto" (Triton on CUDA, portable elsewhere), "portable", "triton",
     "flex" or "reference" (dense float64 oracle).
     """

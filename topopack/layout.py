@@ -10,6 +10,7 @@ only if it holds at least one patch, so there are no padding tokens.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Sequence
 
@@ -19,33 +20,88 @@ import torch
 from .rules import GLOBAL, PATCH, SUMMARY
 
 MIN_PACK_SIZE, MAX_PACK_SIZE = 1, 4
+MAX_PATCHES = 2 ** 31 - 1  # per slide
 
 
 class LayoutError(ValueError):
     """Coordinates or features that cannot form a valid slide layout."""
 
 
+def _int64_positions(values, what: str) -> torch.Tensor:
+    """Integer pixel positions as an int64 tensor on the CPU; int64 input never passes through float64."""
+    t = values
+    if not isinstance(t, torch.Tensor):
+        try:  # numpy keeps Python floats in float64 and big ints in int64
+            t = torch.from_numpy(np.asarray(t))
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise LayoutError(f"{what} must be numbers, got {values!r:.80}") from e
+    if t.dtype == torch.bool or t.is_complex():
+        raise LayoutError(f"{what} must be integer pixel positions, got dtype {t.dtype}")
+    t = t.cpu()
+    if t.dtype == torch.uint64 and t.numel() and int(t.numpy().max()) >= 2 ** 63:  # torch has no uint64 compare
+        raise LayoutError(f"{what} do not fit in int64 (max {int(t.numpy().max())})")
+    if not t.is_floating_point():
+        return t.long()
+    t = t.double()
+    rows = t.reshape(-1, t.shape[-1]) if t.ndim else t.reshape(1, 1)
+    for bad, problem in ((~torch.isfinite(rows), "contain NaN or inf"),
+                         (rows != rows.round(), "are not on the patch grid: they must be integer pixel positions"),
+                         (rows.abs() >= 2.0 ** 63, "do not fit in int64")):
+        if bad.any():
+            row = int(bad.any(1).nonzero()[0])
+            raise LayoutError(f"{what} {problem} (first at row {row}: {rows[row].tolist()})")
+    return t.long()
+
+
 def _as_coords(coords) -> torch.Tensor:
-    if isinstance(coords, np.ndarray):
-        coords = torch.from_numpy(coords)
-    if not isinstance(coords, torch.Tensor):
-        coords = torch.as_tensor(coords)
+    """[N, 2] int64 level-0 (x, y) on the CPU."""
+    coords = _int64_positions(coords, "coords")
     if coords.ndim != 2 or coords.shape[1] != 2:
         raise LayoutError(f"coords must have shape [N, 2] (x, y), got {tuple(coords.shape)}")
     if coords.shape[0] == 0:
         raise LayoutError("empty slide: coords has zero patches")
-    if coords.is_floating_point():
-        bad = ~torch.isfinite(coords)
-        if bad.any():
-            row = int(bad.any(1).nonzero()[0])
-            raise LayoutError(f"coords contain NaN or inf (first at row {row}: {coords[row].tolist()})")
+    if coords.shape[0] > MAX_PATCHES:
+        raise LayoutError(f"coords has {coords.shape[0]} patches; a slide holds at most {MAX_PATCHES}")
     return coords
 
 
+def _as_origin(origin) -> torch.Tensor:
+    t = _int64_positions(origin, "origin values")
+    if t.shape != (2,):
+        raise LayoutError(f"origin must be 2 values (x, y), got {origin!r:.80}")
+    return t
+
+
 def _check_pack_size(pack_size: int) -> int:
-    if not isinstance(pack_size, (int, np.integer)) or not MIN_PACK_SIZE <= pack_size <= MAX_PACK_SIZE:
+    if not _is_int(pack_size) or not MIN_PACK_SIZE <= pack_size <= MAX_PACK_SIZE:
         raise LayoutError(f"pack_size must be an integer from {MIN_PACK_SIZE} to {MAX_PACK_SIZE}, got {pack_size!r}")
     return int(pack_size)
+
+
+def _check_patch_size(patch_size) -> int:
+    size = None
+    if _is_int(patch_size):
+        size = int(patch_size)
+    elif not isinstance(patch_size, (bool, str, bytes)):
+        try:
+            f = float(patch_size)
+        except (TypeError, ValueError, RuntimeError):
+            f = math.nan
+        size = int(f) if math.isfinite(f) and f.is_integer() else None
+    if size is None or not 1 <= size < 2 ** 63:
+        raise LayoutError(f"patch_size must be a positive integer (level-0 pixels), got {patch_size!r}")
+    return size
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _row_major_key(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """int64 keys that sort like (row, col) and are equal exactly when both are; dense ranks, so no overflow."""
+    _, r = torch.unique(row, return_inverse=True)
+    cols, c = torch.unique(col, return_inverse=True)
+    return r * cols.numel() + c
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,8 +137,12 @@ class TopoLayout:
     @classmethod
     def from_grid(cls, height: int, width: int, pack_size: int = 3, device=None) -> "TopoLayout":
         """A full height x width grid of patches, input order row-major."""
+        if not (_is_int(height) and _is_int(width)):
+            raise LayoutError(f"grid height and width must be integers, got {height!r} x {width!r}")
         if height < 1 or width < 1:
             raise LayoutError(f"empty slide: grid {height}x{width}")
+        if height * width > MAX_PATCHES:
+            raise LayoutError(f"grid {height}x{width} has {height * width} patches; a slide holds at most {MAX_PATCHES}")
         ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
         coords = torch.stack([xs.reshape(-1), ys.reshape(-1)], 1)
         return cls.from_coords(coords, 1, pack_size, device=device)
@@ -97,41 +157,40 @@ class TopoLayout:
         """
         k = _check_pack_size(pack_size)
         coords = _as_coords(coords)
-        if not (float(patch_size) > 0 and float(patch_size) == int(patch_size)):
-            raise LayoutError(f"patch_size must be a positive integer, got {patch_size!r}")
-        patch_size = int(patch_size)
-        coords64 = coords.to("cpu", torch.float64)
-        if (coords64 != coords64.round()).any():
-            raise LayoutError("coords are not on the patch grid: they must be integer pixel positions")
-        coords64 = coords64.long()
-        origin_t = coords64.min(0).values if origin is None else torch.as_tensor(origin).reshape(2).long()
-        offset = coords64 - origin_t
-        if (offset < 0).any():
-            raise LayoutError(f"coords lie before the given origin {origin_t.tolist()}")
+        patch_size = _check_patch_size(patch_size)
+        origin_t = coords.min(0).values if origin is None else _as_origin(origin)
+        before = (coords < origin_t).any(1)
+        if before.any():
+            row = int(before.nonzero()[0])
+            raise LayoutError(f"coords lie before the given origin {origin_t.tolist()} (row {row}: {coords[row].tolist()})")
+        offset = coords - origin_t
+        wrapped = (offset < 0).any(1)  # int64 overflow: the span from the origin exceeds 2^63 - 1
+        if wrapped.any():
+            row = int(wrapped.nonzero()[0])
+            raise LayoutError(f"coords span more than 2^63 - 1 pixels: row {row} {coords[row].tolist()} from the "
+                              f"origin {origin_t.tolist()}; coords must be level-0 pixel positions of one slide")
         off_grid = (offset % patch_size != 0).any(1)
         if off_grid.any():
             row = int(off_grid.nonzero()[0])
             raise LayoutError(
-                f"coords are not on the patch grid: row {row} {coords64[row].tolist()} is not a multiple "
+                f"coords are not on the patch grid: row {row} {coords[row].tolist()} is not a multiple "
                 f"of patch_size={patch_size} from the origin {origin_t.tolist()}"
             )
         cell = offset // patch_size  # [N, 2] (col, row)
-        cx, cy = cell[:, 0], cell[:, 1]
-        width = int(cx.max()) + 1
-        linear = cy * width + cx
-        uniq, counts = torch.unique(linear, return_counts=True)
-        if (counts > 1).any():
-            dup = int(uniq[counts > 1][0])
-            first = (linear == dup).nonzero()[:2, 0].tolist()
-            raise LayoutError(f"duplicate coords: rows {first[0]} and {first[1]} map to the same patch {coords64[first[0]].tolist()}")
-        return cls._build([(cy, cx)], k, device)
+        return cls._build(cell[:, 1], cell[:, 0], k, device, coords)
 
     @classmethod
     def cat(cls, layouts: Sequence["TopoLayout"]) -> "TopoLayout":
         """Several slides in one layout; no token attends across slides."""
-        layouts = list(layouts)
+        try:
+            layouts = list(layouts)
+        except TypeError:
+            raise LayoutError(f"cat takes a list of TopoLayouts, got {type(layouts).__name__}") from None
         if not layouts:
             raise LayoutError("cat needs at least one layout")
+        for i, l in enumerate(layouts):
+            if not isinstance(l, TopoLayout):
+                raise LayoutError(f"cat takes TopoLayouts, but item {i} is {type(l).__name__} {l!r:.60}")
         k = layouts[0].pack_size
         if any(l.pack_size != k for l in layouts):
             raise LayoutError(f"cat needs one pack_size, got {[l.pack_size for l in layouts]}")
@@ -163,23 +222,28 @@ class TopoLayout:
         return cls(pack_size=k, **{n: torch.cat(ts) for n, ts in parts.items()})
 
     @classmethod
-    def _build(cls, slides, k: int, device) -> "TopoLayout":
-        (cy, cx), = slides  # one slide; multi-slide layouts go through cat()
+    def _build(cls, cy, cx, k: int, device, coords) -> "TopoLayout":
+        """One slide from patch grid cells (row, col); multi-slide layouts go through cat()."""
         n = cy.numel()
         k2 = k * k
         py, px = cy // k, cx // k
-        pack_width = int(px.max()) + 1
-        pack_key = py * pack_width + px
-        pack_keys, patch_pack = torch.unique(pack_key, return_inverse=True)  # row-major packs
+        pack_keys, patch_pack = torch.unique(_row_major_key(py, px), return_inverse=True)  # row-major packs
         num_packs = pack_keys.numel()
         slot = (cy % k) * k + (cx % k)
-        order = torch.argsort(patch_pack * k2 + slot)  # token order of the patches
+        patch_key = patch_pack * k2 + slot
+        order = torch.argsort(patch_key)  # token order of the patches
+        dup = (patch_key[order[1:]] == patch_key[order[:-1]]).nonzero()
+        if dup.numel():
+            a, b = sorted(order[int(dup[0]):int(dup[0]) + 2].tolist())
+            raise LayoutError(f"duplicate coords: rows {a} and {b} map to the same patch {coords[a].tolist()}")
         first_patch = 1 + num_packs
         patch_token = torch.empty(n, dtype=torch.long)
         patch_token[order] = torch.arange(first_patch, first_patch + n)
         pack_count = torch.bincount(patch_pack, minlength=num_packs)
         pack_start = first_patch + torch.cumsum(pack_count, 0) - pack_count
         num_tokens = first_patch + n
+        pack_cell = torch.empty(num_packs, 2, dtype=torch.long)
+        pack_cell[patch_pack] = torch.stack([py, px], 1)
         kind = torch.full((num_tokens,), PATCH, dtype=torch.int8)
         kind[0], kind[1:first_patch] = GLOBAL, SUMMARY
         token_pack = torch.empty(num_tokens, dtype=torch.long)
@@ -197,7 +261,7 @@ class TopoLayout:
             pack_patch_start=pack_start,
             pack_patch_count=pack_count,
             pack_slide=torch.zeros(num_packs, dtype=torch.long),
-            pack_cell=torch.stack([pack_keys // pack_width, pack_keys % pack_width], 1),
+            pack_cell=pack_cell,
             slide_token_start=torch.tensor([0, num_tokens]),
             slide_pack_start=torch.tensor([0, num_packs]),
             slide_patch_start=torch.tensor([0, n]),
@@ -282,10 +346,10 @@ class TopoLayout:
             raise LayoutError(f"patch_features are on {x.device}, the layout on {self.device}")
         lead, c = x.shape[:-2], x.shape[-1]
         if summary_features is None:
-            summary_features = _segment_mean(x, self.patch_pack, self.num_packs)
+            summary_features = segment_mean(x, self.patch_pack, self.num_packs)
         if global_features is None:
             patch_slide = self.pack_slide[self.patch_pack]
-            global_features = _segment_mean(x, patch_slide, self.num_slides)
+            global_features = segment_mean(x, patch_slide, self.num_slides)
         for name, t, n in (("summary_features", summary_features, self.num_packs), ("global_features", global_features, self.num_slides)):
             if t.shape[-2:] != (n, c):
                 raise LayoutError(f"{name} must have shape [..., {n}, {c}], got {tuple(t.shape)}")
@@ -317,7 +381,7 @@ class TopoLayout:
                 f"tokens={self.num_tokens}, pack_size={self.pack_size}, device={self.device})")
 
 
-def _segment_mean(x: torch.Tensor, segment: torch.Tensor, num: int) -> torch.Tensor:
+def segment_mean(x: torch.Tensor, segment: torch.Tensor, num: int) -> torch.Tensor:
     """Mean of x[..., i, :] over i with the same segment id -> [..., num, C]."""
     sums = x.new_zeros(*x.shape[:-2], num, x.shape[-1]).index_add_(-2, segment, x)
     counts = torch.bincount(segment, minlength=num).clamp_min(1).to(x.dtype)
