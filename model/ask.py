@@ -1,9 +1,15 @@
-"""`topopack ask SLIDE.h5 "question" [--region x0,y0,x1,y1]`: answer one question about a slide.
+"""`topopack ask`: answer questions about slides.
 
-Python: ``ask(slide, question, region=None, model="demo-out/vqa")`` (a loaded ``Assistant`` is reused across
-questions and slides: the encoder runs once per slide).
+    topopack ask SLIDE.h5 "question" [--region x0,y0,x1,y1]                 one question, the answer on stdout
+    topopack ask --slides DIR_OR_FILE --questions FILE --out predictions.jsonl   a batch (model/predictions.py)
+
+The questions file is in either schema (model/records.py), answers optional; with --slides DIR the images are
+resolved against DIR, with --slides FILE every question is about that slide. Python: ``ask(slide, question,
+region=None, model="demo-out/vqa")`` (a loaded ``Assistant`` is reused: the encoder runs once per slide).
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -56,9 +62,15 @@ def parse_region(text: str | None):
 
 
 def add_arguments(p) -> None:
-    p.add_argument("slide", help="slide feature file (.h5 / .pt)")
-    p.add_argument("question")
+    p.add_argument("slide", nargs="?", help="slide feature file (.h5 / .pt), for one question")
+    p.add_argument("question", nargs="?")
     p.add_argument("--region", default=None, help="x0,y0,x1,y1 in level-0 pixels (default: the whole slide)")
+    g = p.add_argument_group("batch")
+    g.add_argument("--slides", default=None, help="directory the questions' images are relative to, or one slide "
+                                                  "file that every question is about")
+    g.add_argument("--questions", default=None, help="JSON/JSONL questions, either schema, answers optional")
+    g.add_argument("--out", default=None, help="predictions.jsonl to write (with --questions)")
+    g.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--model", default=DEFAULT_MODEL, help="model directory from `topopack finetune --stage vqa`")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=positive_float, default=1.0)
@@ -66,13 +78,49 @@ def add_arguments(p) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--patch-size", type=positive_int, default=None,
-                   help="level-0 patch size of the slide file, for files that lack it")
+                   help="level-0 patch size of the slide files, for files that lack it")
+
+
+def ask_batch(questions, out, *, slides=None, model=DEFAULT_MODEL, device="cpu", batch_size: int = 16,
+              max_new_tokens: int = MAX_NEW_TOKENS, patch_size: int | None = None) -> Path:
+    """Answer every question in ``questions`` (greedy, batched) and write ``out`` (predictions.jsonl)."""
+    from topopack.model.evaluate import predict
+    from topopack.model.model_dir import load_model
+    from topopack.model.predictions import write_predictions
+    from topopack.model.records import RecordError, read_records
+    from topopack.model.summaries import SummaryCache, make_samples
+
+    one = slides is not None and Path(slides).is_file()
+    if slides is not None and not one and not Path(slides).is_dir():
+        raise FileNotFoundError(f"--slides {slides}: no such file or directory")
+    records, errors = read_records(questions, image_root=None if one else slides, need_answer=False,
+                                   image=slides if one else None)
+    if errors:
+        raise RecordError(f"{len(errors)} bad question(s):\n  " + "\n  ".join(errors[:20]))
+    if not records:
+        raise RecordError(f"{questions}: no questions")
+    vlm, encoder, meta = load_model(model, device=device)
+    samples = make_samples(records, vlm.tokenizer, SummaryCache(encoder, device, patch_size), meta["prompt"],
+                           with_answer=False)
+    preds = predict(vlm, samples, batch_size, max_new_tokens=max_new_tokens)
+    return write_predictions(out, records, preds)
 
 
 def main(args) -> int:
     from topopack.model.llm import quiet_transformers
 
     quiet_transformers()
+    if args.questions is not None:
+        if args.slide or args.question or args.region:
+            raise ValueError("give either SLIDE QUESTION [--region] or --questions FILE, not both")
+        if args.out is None:
+            raise ValueError("--questions needs --out predictions.jsonl")
+        path = ask_batch(args.questions, args.out, slides=args.slides, model=args.model, device=args.device,
+                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, patch_size=args.patch_size)
+        print(f"wrote {path}")
+        return 0
+    if args.slide is None or args.question is None:
+        raise ValueError("give SLIDE and QUESTION, or --questions FILE --out predictions.jsonl")
     answer = ask(args.slide, args.question, parse_region(args.region), model=args.model, sample=args.sample,
                  temperature=args.temperature, device=args.device, seed=args.seed,
                  max_new_tokens=args.max_new_tokens, patch_size=args.patch_size)

@@ -17,7 +17,8 @@ COMMANDS = {
     "pretrain": ("topopack.model.pretrain", "pretrain the slide encoder (MAE or MoCo)"),
     "finetune": ("topopack.model.finetune", "train the connector and LoRA LLM (connector or vqa stage)"),
     "eval": ("topopack.model.evaluate", "score a fine-tuned model on held-out VQA"),
-    "ask": ("topopack.model.ask", "answer a question about a slide"),
+    "ask": ("topopack.model.ask", "answer a question about a slide, or a file of questions"),
+    "data": ("topopack.model.data_check", "validate instruction files (either schema) and count them"),
 }
 # what a user's input can raise: bad files, values, paths (SlideError, LayoutError, VQAError, RegionError and the
 # checkpoint errors are ValueErrors)

@@ -1,166 +1,105 @@
-"""`topopack eval`: score a fine-tuned model on held-out VQA, broken down by scale (WSI, ROI, Patch).
+"""`topopack eval`: score a fine-tuned model on held-out questions by level (WSI, ROI, Patch) x format, like the
+paper's main table: single choice (accuracy), multi choice (1 exact set, 0.5 strict subset), open-ended (ROUGE-L,
+METEOR, and with ``--judge`` the LLM-judged WSI-Precision / WSI-Relevance on whole-slide open questions), plus exact
+match and token F1. The arithmetic lives in model/scoring.py, the judge in model/judge.py.
 
-- single choice: accuracy. The generated text is mapped to an option: exact match after normalisation, else the
-  option letter ("B"), else the option with the best token F1.
-- multi choice: 1 when the predicted set equals the answer set, 0.5 for a non-empty strict subset, 0 otherwise.
-  The prediction is split at commas, semicolons and " and "; a part that is no option makes it wrong.
-- open: exact match after normalisation and token F1 (SQuAD-style).
-Writes OUT/metrics.json, OUT/eval.md (the table) and OUT/predictions.jsonl.
+    topopack eval --model DIR --data FILE_OR_DIR [--judge LOCAL_LLM]   generate, then score
+    topopack eval --predictions predictions.jsonl [--judge LOCAL_LLM]  score a batch `topopack ask` output
+
+Writes OUT/metrics.json, OUT/eval.md (the table) and OUT/predictions.jsonl (model/predictions.py).
 """
 from __future__ import annotations
 
-import json
-import re
-from collections import Counter
 from pathlib import Path
 
 import torch
 
 from topopack.model.config import positive_int
+from topopack.model.scoring import markdown_table, score_records
 from topopack.model.vlm import MAX_NEW_TOKENS
 
 SCALES = ("WSI", "ROI", "Patch")
 
 
-# ---- metric arithmetic ----------------------------------------------------------------------
-def words(text: str) -> list[str]:
-    """Lower-cased alphanumeric words (punctuation and spacing do not matter)."""
-    return re.findall(r"[a-z0-9]+", str(text).lower())
-
-
-def exact_match(pred: str, gold: str) -> float:
-    return float(words(pred) == words(gold))
-
-
-def token_f1(pred: str, gold: str) -> float:
-    p, g = words(pred), words(gold)
-    if not p or not g:
-        return float(p == g)
-    common = sum((Counter(p) & Counter(g)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(p), common / len(g)
-    return 2 * precision * recall / (precision + recall)
-
-
-def match_option(pred: str, options: list[str]) -> str | None:
-    """The option a generated answer names (see the module docstring), or None."""
-    w = words(pred)
-    for o in options:
-        if words(o) == w:
-            return o
-    letters = [chr(ord("a") + i) for i in range(len(options))]
-    if len(w) == 1 and w[0] in letters:
-        return options[letters.index(w[0])]
-    scores = [token_f1(pred, o) for o in options]
-    best = max(scores, default=0.0)
-    return options[scores.index(best)] if best > 0 and scores.count(best) == 1 else None
-
-
-def parse_multi(pred: str, options: list[str]) -> set[str] | None:
-    """The set of options a multi-choice answer names; None if any part is not an option."""
-    parts = [p for p in re.split(r",|;|\band\b", str(pred).lower()) if words(p)]
-    chosen = set()
-    for part in parts:
-        hit = [o for o in options if words(o) == words(part)]
-        if not hit:
-            return None
-        chosen.add(hit[0])
-    return chosen
-
-
-def score_single(pred: str, answer: str, options: list[str]) -> float:
-    return float(match_option(pred, options) == answer)
-
-
-def score_multi(pred: str, answer: list[str], options: list[str]) -> float:
-    chosen, gold = parse_multi(pred, options), set(answer)
-    if not chosen:
-        return 0.0
-    if chosen == gold:
-        return 1.0
-    return 0.5 if chosen < gold else 0.0
-
-
-def score_records(records: list[dict], predictions: list[str]) -> dict:
-    """{"scales": {scale: metrics}, "overall": metrics}; a metric appears where its questions exist."""
-    groups: dict[str, dict[str, list[float]]] = {}
-    for r, pred in zip(records, predictions, strict=True):
-        for scale in (r["scale"], "overall", "family:" + r.get("family", "?")):
-            g = groups.setdefault(scale, {})
-            if r["type"] == "single_choice":
-                g.setdefault("single_choice", []).append(score_single(pred, r["answer"], r["options"]))
-                g.setdefault("chance_single_choice", []).append(1.0 / len(r["options"]))
-            elif r["type"] == "multi_choice":
-                g.setdefault("multi_choice", []).append(score_multi(pred, r["answer"], r["options"]))
-            elif r["type"] == "open":
-                g.setdefault("open_em", []).append(exact_match(pred, r["answer"]))
-                g.setdefault("open_f1", []).append(token_f1(pred, r["answer"]))
-    out = {}
-    for scale, g in groups.items():
-        m = {k: sum(v) / len(v) for k, v in g.items()}
-        m.update({f"n_{k}": len(g[k]) for k in ("single_choice", "multi_choice", "open_f1") if k in g})
-        out[scale] = m
-    overall = out.pop("overall", {})
-    families = {k.split(":", 1)[1]: out.pop(k) for k in sorted(out) if k.startswith("family:")}
-    return {"scales": {s: out[s] for s in SCALES if s in out}, "overall": overall, "families": families}
-
-
-def markdown_table(metrics: dict, extra: dict[str, dict] | None = None) -> str:
-    """Scales as rows; ``extra`` adds columns {name: {scale: value}} (e.g. the blind control)."""
-    cols = ["single_choice", "multi_choice", "open_em", "open_f1", "chance_single_choice"]
-    extra = extra or {}
-    head = ["scale", *cols, *extra]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    for scale, m in metrics["scales"].items():
-        row = [scale, *(fmt(m.get(c)) for c in cols), *(fmt(e.get(scale)) for e in extra.values())]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
-
-
 # ---- running a model ------------------------------------------------------------------------
 @torch.no_grad()
 def predict(vlm, samples, batch_size: int = 32, **gen_kw) -> list[str]:
-    from tqdm.auto import tqdm
+    from topopack.model.progress import progress
 
     vlm.eval()
     preds = []
-    for i in tqdm(range(0, len(samples), batch_size), desc="eval", leave=False):
+    for i in progress(range(0, len(samples), batch_size), desc="generate"):
         preds += vlm.answer(samples[i:i + batch_size], **gen_kw)
     return preds
 
 
-def evaluate(model_dir, data, out=None, *, device="cpu", batch_size: int = 32, limit: int | None = None,
-             cache=None, max_new_tokens: int = MAX_NEW_TOKENS, patch_size: int | None = None) -> dict:
-    """Score ``model_dir`` on the VQA records in ``data``; writes metrics.json, eval.md, predictions.jsonl to out."""
-    from topopack.model.model_dir import load_model
-    from topopack.model.records import load_records
-    from topopack.model.summaries import SummaryCache, make_samples
+def judge_scores(judge_path, records, preds, device="cpu") -> list[dict | None]:
+    """WSI-P / WSI-R of the whole-slide open answers (None for the other records)."""
+    from topopack.model.judge import ClaimJudge
+
+    judge = ClaimJudge.load(judge_path, device=device)
+    which = [i for i, r in enumerate(records) if r["type"] == "open" and r["scale"] == "WSI"]
+    scores = judge.score_records([records[i] for i in which], [preds[i] for i in which])
+    out: list[dict | None] = [None] * len(records)
+    for i, sc in zip(which, scores):
+        out[i] = sc
+    return out
+
+
+def write_report(out, records, preds, extra_metrics: dict, *, judge=None, device="cpu") -> dict:
+    """Score, then write OUT/metrics.json (key "eval"), OUT/eval.md and OUT/predictions.jsonl (rank 0 only)."""
+    from topopack.model.parallel import is_main_process
+    from topopack.model.predictions import write_predictions
     from topopack.model.trainer import write_metrics
 
-    vlm, encoder, meta = load_model(model_dir, device=device)
-    records = load_records(data, "eval")[:limit]
-    samples = make_samples(records, vlm.tokenizer, cache or SummaryCache(encoder, device, patch_size),
-                           meta["prompt"], with_answer=False)
-    preds = predict(vlm, samples, batch_size, max_new_tokens=max_new_tokens)
-    metrics = score_records(records, preds)
-    metrics["model"], metrics["blind"] = str(model_dir), bool(meta.get("blind"))
-    out = Path(out or model_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_metrics(out, {"eval": metrics})
-    (out / "eval.md").write_text(markdown_table(metrics))
-    with open(out / "predictions.jsonl", "w") as f:
-        for r, p in zip(records, preds):
-            f.write(json.dumps({"id": r["id"], "scale": r["scale"], "type": r["type"], "answer": r["answer"],
-                                "prediction": p}) + "\n")
+    metrics = score_records(records, preds, judge_scores(judge, records, preds, device) if judge else None)
+    metrics.update(extra_metrics)
+    if is_main_process():
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_metrics(out, {"eval": metrics})
+        (out / "eval.md").write_text(markdown_table(metrics))
+        if extra_metrics.get("predictions") is None:
+            write_predictions(out / "predictions.jsonl", records, preds)
     return metrics
 
 
+def evaluate(model_dir, data, out=None, *, device="cpu", batch_size: int = 32, limit: int | None = None,
+             cache=None, max_new_tokens: int = MAX_NEW_TOKENS, patch_size: int | None = None, image_root=None,
+             judge=None) -> dict:
+    """Score ``model_dir`` on the questions in ``data``; writes metrics.json, eval.md, predictions.jsonl to out."""
+    from topopack.model.model_dir import load_model
+    from topopack.model.records import load_records
+    from topopack.model.summaries import SummaryCache, make_samples
+
+    vlm, encoder, meta = load_model(model_dir, device=device)
+    records = load_records(data, "eval", image_root=image_root)[:limit]
+    samples = make_samples(records, vlm.tokenizer, cache or SummaryCache(encoder, device, patch_size),
+                           meta["prompt"], with_answer=False)
+    preds = predict(vlm, samples, batch_size, max_new_tokens=max_new_tokens)
+    return write_report(out or model_dir, records, preds, {"model": str(model_dir), "blind": bool(meta.get("blind"))},
+                        judge=judge, device=device)
+
+
+def evaluate_predictions(path, out=None, *, judge=None, device="cpu") -> dict:
+    """Score a predictions.jsonl (batch `topopack ask`, or an earlier eval) against its ground_truth."""
+    from topopack.model.predictions import read_predictions
+
+    records, preds = read_predictions(path)
+    return write_report(out or Path(path).parent, records, preds, {"predictions": str(path)}, judge=judge,
+                        device=device)
+
+
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="model directory written by `topopack finetune`")
-    p.add_argument("--data", required=True, help="held-out VQA JSON file, or a directory with vqa_test.json")
-    p.add_argument("--out", default=None, help="where to write metrics.json and eval.md (default: the model dir)")
+    p.add_argument("--model", default=None, help="model directory written by `topopack finetune`")
+    p.add_argument("--data", default=None, help="held-out questions: a JSON/JSONL file (either schema) or a "
+                                                "directory with vqa_test.json")
+    p.add_argument("--predictions", default=None, help="score this predictions.jsonl instead of running a model")
+    p.add_argument("--judge", default=None, help="local HF causal LM that judges WSI-Precision / WSI-Relevance")
+    p.add_argument("--out", default=None, help="where to write metrics.json and eval.md (default: the model dir, "
+                                               "or the predictions file's dir)")
+    p.add_argument("--image-root", default=None, help="directory the records' images are relative to "
+                                                      "(default: the data file's directory)")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--limit", type=positive_int, default=None, help="score only the first N questions")
     p.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS, help="answer length cap")
@@ -170,7 +109,15 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    metrics = evaluate(args.model, args.data, args.out, device=args.device, batch_size=args.batch_size,
-                       limit=args.limit, max_new_tokens=args.max_new_tokens, patch_size=args.patch_size)
+    if args.predictions is not None:
+        if args.model or args.data:
+            raise ValueError("give either --predictions FILE or --model DIR --data FILE, not both")
+        metrics = evaluate_predictions(args.predictions, args.out, judge=args.judge, device=args.device)
+    elif args.model is None or args.data is None:
+        raise ValueError("give --model DIR and --data FILE_OR_DIR (or --predictions FILE)")
+    else:
+        metrics = evaluate(args.model, args.data, args.out, device=args.device, batch_size=args.batch_size,
+                           limit=args.limit, max_new_tokens=args.max_new_tokens, patch_size=args.patch_size,
+                           image_root=args.image_root, judge=args.judge)
     print(markdown_table(metrics))
     return 0

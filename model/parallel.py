@@ -24,3 +24,8 @@ def parallel_map(fn, items, workers: int = 1, *, desc: str = "", show: bool = Tr
     chunk = max(1, min(64, len(items) // (8 * workers)))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(progress(pool.map(fn, items, chunksize=chunk), desc=desc, total=len(items), disable=not show))
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (or no torchrun): the one process that writes files."""
+    return int(os.environ.get("RANK", "0")) == 0

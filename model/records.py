@@ -156,14 +156,17 @@ def _resolve(path: str, base: Path) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def read_records(path, *, image_root=None, need_answer: bool = True) -> tuple[list[dict], list[str]]:
+def read_records(path, *, image_root=None, need_answer: bool = True, image=None) -> tuple[list[dict], list[str]]:
     """(records, errors) of one file: every bad record is reported (file, index, field), the good ones kept.
-    Image paths are resolved against ``image_root`` (default: the file's directory)."""
+    Image paths are resolved against ``image_root`` (default: the file's directory); ``image`` replaces every
+    record's image (questions about one slide)."""
     path = Path(path)
     base = Path(image_root) if image_root is not None else path.parent
     records, errors, seen = [], [], set()
     for i, rec in enumerate(read_json_records(path)):
         where = f"{path}: record {i}"
+        if image is not None and isinstance(rec, dict):
+            rec = {**rec, ("slide" if "slide" in rec and "scale" in rec else "image"): str(image)}
         try:
             r = normalize_record(rec, where, need_answer)
             if r["id"] in seen:

@@ -69,7 +69,7 @@ def test_stages_eval_and_ask(world, capfd):
     i, rec = next((i, r) for i, r in enumerate(recs) if r["region"] is not None)
     # ask answers a record exactly as eval's batched, left-padded generation did
     pred = json.loads((root / "eval" / "predictions.jsonl").read_text().splitlines()[i])
-    assert pred["id"] == rec["id"]
+    assert pred["question_id"] == rec["id"] and pred["ground_truth"] == rec["answer"]
     assert ask(rec["slide"], turn(rec)[0], rec["region"], model=root / "vqa") == pred["prediction"]
     ask_args = ["ask", rec["slide"], "Is there a tumor in this slide?", "--model", str(root / "vqa"),
                 "--region", ",".join(str(v) for v in rec["region"]), "--sample", "--seed", "1"]
