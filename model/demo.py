@@ -165,7 +165,11 @@ def measure_throughput(encoder_path: Path, args) -> dict:
 
 
 def quiet_worker() -> None:
-    os.environ["TQDM_DISABLE"] = "1"  # one progress bar on the terminal: the main process's
+    from .llm import quiet_transformers
+    from .progress import QUIET
+
+    os.environ[QUIET] = "1"  # one progress report on the terminal: the main process's
+    quiet_transformers()
 
 
 def train_blind(data, encoder, out, init, steps, kw) -> dict:

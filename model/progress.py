@@ -8,8 +8,12 @@ ten lines in all.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
+
+
+QUIET = "TOPOPACK_QUIET"  # "1": no progress at all (a worker process beside the one that reports)
 
 
 def progress(iterable, *, desc: str = "", total: int | None = None, initial: int = 0, bar: bool | None = None,
@@ -18,6 +22,7 @@ def progress(iterable, *, desc: str = "", total: int | None = None, initial: int
     else in a reporter that prints ``desc: n/total (p%) ...`` each time another ``every`` percent is done.
     Both have ``set_postfix(dict)`` and ``close()``; ``disable`` shows nothing (other ranks)."""
     file = file or sys.stderr
+    disable = disable or os.environ.get(QUIET) == "1"
     if total is None and hasattr(iterable, "__len__"):
         total = initial + len(iterable)
     if bar is None:
