@@ -290,19 +290,20 @@ def score_record(record: Mapping, pred: str, wordnet=None) -> dict[str, float | 
     """Per-record metrics: {"single_choice", "chance_single_choice"}, {"multi_choice"}, or the open metrics
     {"open_em", "open_f1", "open_rouge_l", "open_meteor"} (METEOR None without ``wordnet``)."""
     typ, ans = record["type"], record["answer"]
-    try:
-        if typ == "single_choice":
-            opts = record_options(record)
-            return {"single_choice": score_single(pred, ans, opts), "chance_single_choice": 1.0 / len(opts)}
-        if typ == "multi_choice":
-            return {"multi_choice": score_multi(pred, ans, record_options(record))}
-    except ValueError as e:
-        raise ValueError(f"record {record.get('id', '?')}: {e}") from None
     if typ == "open":
         gold = ans if isinstance(ans, str) else ", ".join(ans)
-        return {"open_em": exact_match(pred, gold), "open_f1": token_f1(pred, gold), "open_rouge_l": rouge_l(pred, gold),
+        return {"open_em": exact_match(pred, gold), "open_f1": token_f1(pred, gold),
+                "open_rouge_l": rouge_l(pred, gold),
                 "open_meteor": meteor(pred, gold, wordnet) if wordnet is not None else None}
-    raise ValueError(f"record {record.get('id', '?')}: unknown type {typ!r}; expected one of {TYPES}")
+    if typ not in TYPES:
+        raise ValueError(f"record {record.get('id', '?')}: unknown type {typ!r}; expected one of {TYPES}")
+    opts = record_options(record)
+    try:
+        if typ == "single_choice":
+            return {"single_choice": score_single(pred, ans, opts), "chance_single_choice": 1.0 / len(opts)}
+        return {"multi_choice": score_multi(pred, ans, opts)}
+    except ValueError as e:
+        raise ValueError(f"record {record.get('id', '?')}: {e}") from None
 
 
 _OPEN_OPTIONAL = ("open_meteor", "open_wsi_precision", "open_wsi_relevance")

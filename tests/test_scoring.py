@@ -198,12 +198,14 @@ def test_score_records_without_judge_scores_and_errors():
     recs, preds = records_and_predictions()
     m = score_records(recs, preds)
     assert m["scales"]["WSI"]["open_wsi_precision"] is None and "n_open_judged" not in m["scales"]["WSI"]
-    with pytest.raises(ValueError, match="record q7: a single_choice question without options"):
+    with pytest.raises(ValueError, match="^record q7: a single_choice question without options"):
         score_records([{"id": "q7", "scale": "WSI", "type": "single_choice", "answer": "A", "options": None,
                         "question": "Pattern?"}], ["A"])
-    with pytest.raises(ValueError, match="record q8: answer 'kidney' names no single option"):
+    with pytest.raises(ValueError, match="^record q8: answer 'kidney' names no single option"):
         score_records([{"id": "q8", "scale": "WSI", "type": "single_choice", "answer": "kidney", "options": OPTS}],
                       ["A"])
+    with pytest.raises(ValueError, match="^record q9: unknown type 'caption'"):
+        score_records([{"id": "q9", "scale": "WSI", "type": "caption", "answer": "a slide"}], ["a slide"])
     with pytest.raises(ValueError, match="2 entries for 8 records"):
         score_records(recs, preds, [None, None])
 
