@@ -35,9 +35,9 @@ def predict(vlm, samples, batch_size: int = 32, **gen_kw) -> list[str]:
 
 def judge_scores(judge_path, records, preds, device="cpu") -> list[dict | None]:
     """WSI-P / WSI-R of the whole-slide open answers (None for the other records)."""
-    from topopack.model.judge import ClaimJudge
+    from topopack.model.judge import Judge
 
-    judge = ClaimJudge.load(judge_path, device=device)
+    judge = Judge(judge_path, device=device)
     which = [i for i, r in enumerate(records) if r["type"] == "open" and r["scale"] == "WSI"]
     scores = judge.score_records([records[i] for i in which], [preds[i] for i in which])
     out: list[dict | None] = [None] * len(records)

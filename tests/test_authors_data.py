@@ -142,6 +142,15 @@ def test_finetune_eval_and_batch_ask_on_the_authors_files(authors, tmp_path):
     assert cli(["eval", "--predictions", str(tmp_path / "ask" / "predictions.jsonl")]) == 0
     rescored = json.loads((tmp_path / "ask" / "metrics.json").read_text())["eval"]
     assert rescored["scales"] == metrics["scales"]
+    # the LLM judge (any local causal LM; here the embedded tiny one) scores the whole-slide open answers
+    judge = tmp_path / "vqa" / "llm"
+    assert cli(["eval", "--predictions", str(tmp_path / "ask" / "predictions.jsonl"), "--judge", str(judge),
+                "--out", str(tmp_path / "judged")]) == 0
+    judged = json.loads((tmp_path / "judged" / "metrics.json").read_text())["eval"]["scales"]
+    n_wsi_open = sum(r["info"]["belong_level"] == "WSI" and r["info"]["format"] == "open" for r in rows)
+    assert n_wsi_open and judged["WSI"]["n_open_judged"] == n_wsi_open
+    assert 0 <= judged["WSI"]["open_wsi_precision"] <= 1 and 0 <= judged["WSI"]["open_wsi_relevance"] <= 1
+    assert judged["ROI"].get("open_wsi_precision") is None
 
 
 def test_questions_without_answers_are_answered_but_not_scored(authors, tmp_path, capsys):
