@@ -4,7 +4,7 @@ Layers (fla-org style): ``triton_fwd`` / ``triton_bwd`` hold the jit kernels and
 their launchers; here ``topopack::attn_fwd`` and ``topopack::attn_bwd`` are
 ``torch.library.triton_op``s (so torch.compile sees the kernels, no graph break),
 joined by ``register_autograd``; ``triton_attention`` validates and dispatches.
-The layout's tensors are op arguments, the rules become five bool flags.
+The layout's tensors are op arguments, the rules become two bool flags.
 """
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ import warnings
 import torch
 from torch.library import triton_op
 
-from topopack.backends import triton_runs_on
 from topopack.layout import TopoLayout
 from topopack.rules import TopoRules
 
-from . import triton_meta as meta
+from . import triton_meta as meta, triton_runs_on
 from .triton_bwd import attention_bwd
 from .triton_fwd import attention_fwd
 
@@ -26,24 +25,20 @@ Tensor = torch.Tensor
 
 
 def _args(pack_patch_start, pack_patch_count, pack_summary_token, pack_slide, slide_token_start, slide_pack_start,
-          patch_sees_patches, patch_sees_summary, summary_sees_patches, summary_sees_summaries, global_sees_all):
+          patch_sees_summary, global_sees_all):
     lay = meta.LayoutArgs(pack_patch_start, pack_patch_count, pack_summary_token, pack_slide, slide_token_start,
                           slide_pack_start)
-    flags = meta.MaskFlags(patch_sees_patches, patch_sees_summary, summary_sees_patches, summary_sees_summaries,
-                           global_sees_all)
-    return lay, flags
+    return lay, meta.MaskFlags(patch_sees_summary, global_sees_all)
 
 
 @triton_op("topopack::attn_fwd", mutates_args={})
 def attn_fwd(q: Tensor, k: Tensor, v: Tensor,
              pack_patch_start: Tensor, pack_patch_count: Tensor, pack_summary_token: Tensor, pack_slide: Tensor,
              slide_token_start: Tensor, slide_pack_start: Tensor, pack_size: int, scale: float,
-             patch_sees_patches: bool, patch_sees_summary: bool, summary_sees_patches: bool,
-             summary_sees_summaries: bool, global_sees_all: bool) -> tuple[Tensor, Tensor]:
+             patch_sees_summary: bool, global_sees_all: bool) -> tuple[Tensor, Tensor]:
     """-> (out [B, H, L, DV], lse [B, H, L] fp32, base 2)."""
     lay, flags = _args(pack_patch_start, pack_patch_count, pack_summary_token, pack_slide, slide_token_start,
-                       slide_pack_start, patch_sees_patches, patch_sees_summary, summary_sees_patches,
-                       summary_sees_summaries, global_sees_all)
+                       slide_pack_start, patch_sees_summary, global_sees_all)
     return attention_fwd(q, k, v, lay, scale, flags, pack_size)
 
 
@@ -51,12 +46,10 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor,
 def attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
              pack_patch_start: Tensor, pack_patch_count: Tensor, pack_summary_token: Tensor, pack_slide: Tensor,
              slide_token_start: Tensor, slide_pack_start: Tensor, pack_size: int, scale: float,
-             patch_sees_patches: bool, patch_sees_summary: bool, summary_sees_patches: bool,
-             summary_sees_summaries: bool, global_sees_all: bool) -> tuple[Tensor, Tensor, Tensor]:
+             patch_sees_summary: bool, global_sees_all: bool) -> tuple[Tensor, Tensor, Tensor]:
     """-> (dq, dk, dv), contiguous."""
     lay, flags = _args(pack_patch_start, pack_patch_count, pack_summary_token, pack_slide, slide_token_start,
-                       slide_pack_start, patch_sees_patches, patch_sees_summary, summary_sees_patches,
-                       summary_sees_summaries, global_sees_all)
+                       slide_pack_start, patch_sees_summary, global_sees_all)
     return attention_bwd(do, q, k, v, o, lse, lay, scale, flags, pack_size)
 
 
@@ -103,10 +96,12 @@ def triton_attention(q, k, v, layout: TopoLayout, rules: TopoRules, scale: float
     if q.device.type == "cpu" and not meta.INTERPRET:
         raise RuntimeError("triton backend: CPU tensors need the interpreter, but TRITON_INTERPRET=1 was not set "
                            "when topopack.kernels.triton was first imported; set it before that import")
+    if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(f"triton backend: {q.dtype} on the CPU interpreter gives wrong results (its tl.dot); "
+                         "use float32, or backend='portable' for half precision on the CPU")
     meta.block_d(q.shape[-1]), meta.block_d(v.shape[-1])  # head-dim check with a clear error
     flags = meta.MaskFlags.from_rules(rules)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, _ = attn_fwd(q, k, v, *meta.LayoutArgs.of(layout), layout.pack_size, scale,
-                      flags.patch_sees_patches, flags.patch_sees_summary, flags.summary_sees_patches,
-                      flags.summary_sees_summaries, flags.global_sees_all)
+                      flags.patch_sees_summary, flags.global_sees_all)
     return out

@@ -72,8 +72,7 @@ def _patch_bwd(
     H, L, P, qk_scale, sm_scale, SIZE_BUCKET,
     K2: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-    PATCH_SEES_PATCHES: tl.constexpr, PATCH_SEES_SUMMARY: tl.constexpr,
-    SUM_SEES_PATCHES: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr,
+    PATCH_SEES_SUMMARY: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr,
     PREC: tl.constexpr,
 ):
     # inductor passes Python floats as fp64; keep the softmax state in fp32
@@ -120,25 +119,25 @@ def _patch_bwd(
                             row_ok, qk_scale)
         dq += ds[:, None] * ks
 
-    if PATCH_SEES_PATCHES:  # block-diagonal: rows and keys are the same patch tokens
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_M]
-        same_pack = (pk[:, None] == pk[None, :]) & row_ok[:, None] & row_ok[None, :]
-        p = tl.math.exp2(tl.where(same_pack, s - lse[:, None], float("-inf")))  # [BLOCK_M, BLOCK_M]
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # [BLOCK_M, BLOCK_M]
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
-        dvv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
+    # block-diagonal: rows and keys are the same patch tokens
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_M]
+    same_pack = (pk[:, None] == pk[None, :]) & row_ok[:, None] & row_ok[None, :]
+    p = tl.math.exp2(tl.where(same_pack, s - lse[:, None], float("-inf")))  # [BLOCK_M, BLOCK_M]
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # [BLOCK_M, BLOCK_M]
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
+    dvv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
 
-    if SUM_SEES_PATCHES:  # the pack's summary row sees these patch keys
-        stok = tl.load(pack_summary + pk, mask=row_ok, other=0)
-        qs = _load_rows(Q, stok, sql, sqd, row_ok, HEAD_D, BLOCK_D)
-        dos = _load_rows(DO, stok, sdl, sdd, row_ok, HEAD_DV, BLOCK_DV)
-        lse_s = tl.load(LSE + stok, mask=row_ok, other=0.0)
-        delta_s = tl.load(DELTA + stok, mask=row_ok, other=0.0)
-        p, ds = _row_key_ds(qs, dos, lse_s, delta_s, kf, vf, row_ok, qk_scale)
-        dk += ds[:, None] * qs
-        dvv += p[:, None] * dos
+    # the pack's summary row sees these patch keys
+    stok = tl.load(pack_summary + pk, mask=row_ok, other=0)
+    qs = _load_rows(Q, stok, sql, sqd, row_ok, HEAD_D, BLOCK_D)
+    dos = _load_rows(DO, stok, sdl, sdd, row_ok, HEAD_DV, BLOCK_DV)
+    lse_s = tl.load(LSE + stok, mask=row_ok, other=0.0)
+    delta_s = tl.load(DELTA + stok, mask=row_ok, other=0.0)
+    p, ds = _row_key_ds(qs, dos, lse_s, delta_s, kf, vf, row_ok, qk_scale)
+    dk += ds[:, None] * qs
+    dvv += p[:, None] * dos
 
     if GLOBAL_SEES_ALL:  # the slide's global row sees these patch keys
         qg = _load_rows(Q, gtok, sql, sqd, row_ok, HEAD_D, BLOCK_D)
@@ -179,7 +178,6 @@ def _summary_bwd_dq(
     H, L, P, qk_scale, sm_scale, SIZE_BUCKET,
     K2: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SUM_SEES_PATCHES: tl.constexpr, SUM_SEES_SUMMARIES: tl.constexpr,
     PREC: tl.constexpr,
 ):
     # inductor passes Python floats as fp64; keep the softmax state in fp32
@@ -213,26 +211,24 @@ def _summary_bwd_dq(
                         row_ok, qk_scale)
     dq = ds[:, None] * kg  # [BLOCK_M, D]
 
-    if SUM_SEES_PATCHES:
-        pstart = tl.load(pack_start + rp)
-        pcnt = tl.load(pack_count + rp)
-        for j in range(K2):  # not unrolled: keeps compile time down
-            ok = row_ok & (j < pcnt)
-            kj = _load_rows(K, pstart + j, skl, skd, ok, HEAD_D, BLOCK_D)
-            _, ds = _row_key_ds(qf, dof, lse, delta, kj, _load_rows(V, pstart + j, svl, svd, ok, HEAD_DV, BLOCK_DV),
-                                ok, qk_scale)
-            dq += ds[:, None] * kj
+    pstart = tl.load(pack_start + rp)
+    pcnt = tl.load(pack_count + rp)
+    for j in range(K2):  # not unrolled: keeps compile time down
+        ok = row_ok & (j < pcnt)
+        kj = _load_rows(K, pstart + j, skl, skd, ok, HEAD_D, BLOCK_D)
+        _, ds = _row_key_ds(qf, dof, lse, delta, kj, _load_rows(V, pstart + j, svl, svd, ok, HEAD_DV, BLOCK_DV),
+                            ok, qk_scale)
+        dq += ds[:, None] * kj
 
-    if SUM_SEES_SUMMARIES:
-        for n0 in range(lo, hi, BLOCK_N):
-            ktok, kslide, kok, k, v = _summary_tile(K, V, n0, hi, P, pack_summary, pack_slide, skl, skd, svl, svd,
-                                                    HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N)  # k [BLOCK_N, D]
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
-            allowed = (slide[:, None] == kslide[None, :]) & kok[None, :] & row_ok[:, None]
-            p_tile = tl.math.exp2(tl.where(allowed, s - lse[:, None], float("-inf")))  # [BLOCK_M, BLOCK_N]
-            dp_tile = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds_tile = p_tile * (dp_tile - delta[:, None])
-            dq += tl.dot(ds_tile.to(k.dtype), k, input_precision=PREC)
+    for n0 in range(lo, hi, BLOCK_N):
+        ktok, kslide, kok, k, v = _summary_tile(K, V, n0, hi, P, pack_summary, pack_slide, skl, skd, svl, svd,
+                                                HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N)  # k [BLOCK_N, D]
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
+        allowed = (slide[:, None] == kslide[None, :]) & kok[None, :] & row_ok[:, None]
+        p_tile = tl.math.exp2(tl.where(allowed, s - lse[:, None], float("-inf")))  # [BLOCK_M, BLOCK_N]
+        dp_tile = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds_tile = p_tile * (dp_tile - delta[:, None])
+        dq += tl.dot(ds_tile.to(k.dtype), k, input_precision=PREC)
 
     tl.store(DQ + tok[:, None] * HEAD_D + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=qmask)
 
@@ -250,7 +246,7 @@ def _summary_bwd_dkv(
     H, L, P, qk_scale, sm_scale, SIZE_BUCKET,
     K2: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SUM_SEES_SUMMARIES: tl.constexpr, PATCH_SEES_SUMMARY: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr,
+    PATCH_SEES_SUMMARY: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr,
     PREC: tl.constexpr,
 ):
     # inductor passes Python floats as fp64; keep the softmax state in fp32
@@ -280,19 +276,19 @@ def _summary_bwd_dkv(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dvv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
 
-    if SUM_SEES_SUMMARIES:  # every summary row of the key's slide
-        for m0 in range(lo, hi, BLOCK_M):
-            qtok, qslide, rok, q, do = _summary_tile(Q, DO, m0, hi, P, pack_summary, pack_slide, sql, sqd, sdl, sdd,
-                                                     HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M)  # q [BLOCK_M, D]
-            lse = tl.load(LSE + qtok, mask=rok, other=0.0)
-            delta = tl.load(DELTA + qtok, mask=rok, other=0.0)
-            s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
-            allowed = (kslide[:, None] == qslide[None, :]) & rok[None, :] & key_ok[:, None]
-            p_t = tl.math.exp2(tl.where(allowed, s_t - lse[None, :], float("-inf")))
-            dvv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
+    # every summary row of the key's slide
+    for m0 in range(lo, hi, BLOCK_M):
+        qtok, qslide, rok, q, do = _summary_tile(Q, DO, m0, hi, P, pack_summary, pack_slide, sql, sqd, sdl, sdd,
+                                                 HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M)  # q [BLOCK_M, D]
+        lse = tl.load(LSE + qtok, mask=rok, other=0.0)
+        delta = tl.load(DELTA + qtok, mask=rok, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
+        allowed = (kslide[:, None] == qslide[None, :]) & rok[None, :] & key_ok[:, None]
+        p_t = tl.math.exp2(tl.where(allowed, s_t - lse[None, :], float("-inf")))
+        dvv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
 
     if PATCH_SEES_SUMMARY:  # the pack's patch rows, one slot at a time
         pstart = tl.load(pack_start + kp)
@@ -429,13 +425,12 @@ def attention_bwd(do, q, k, v, o, lse, lay: meta.LayoutArgs, scale: float, flags
                    lay.slide_token_start)
     wrap_triton(_patch_bwd)[lambda c: (triton.cdiv(p, c["BLOCK_M"] // (pack_size ** 2)), b * h)](
         q, k, v, do, lse, delta, dq, dk, dvv, *layout_args, *strides, *sizes, **common,
-        **flags.constexprs("PATCH_SEES_PATCHES", "PATCH_SEES_SUMMARY", "SUM_SEES_PATCHES", "GLOBAL_SEES_ALL"))
+        **flags.constexprs("PATCH_SEES_SUMMARY", "GLOBAL_SEES_ALL"))
     wrap_triton(_summary_bwd_dq)[lambda c: (triton.cdiv(p, c["BLOCK_M"]), b * h)](
-        q, k, v, do, lse, delta, dq, *layout_args, lay.slide_pack_start, *strides, *sizes, **common,
-        **flags.constexprs("SUM_SEES_PATCHES", "SUM_SEES_SUMMARIES"))
+        q, k, v, do, lse, delta, dq, *layout_args, lay.slide_pack_start, *strides, *sizes, **common)
     wrap_triton(_summary_bwd_dkv)[lambda c: (triton.cdiv(p, c["BLOCK_N"]), b * h)](
         q, k, v, do, lse, delta, dk, dvv, *layout_args, lay.slide_pack_start, *strides, *sizes, **common,
-        **flags.constexprs("SUM_SEES_SUMMARIES", "PATCH_SEES_SUMMARY", "GLOBAL_SEES_ALL"))
+        **flags.constexprs("PATCH_SEES_SUMMARY", "GLOBAL_SEES_ALL"))
 
     nsplit = meta.num_splits(n_tok)
     parts = [meta.new_buffer((b * h * s * nsplit, w), torch.float32, q.device)

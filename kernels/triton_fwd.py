@@ -103,7 +103,7 @@ def _patch_fwd(
     H, L, P, qk_scale, SIZE_BUCKET,
     K2: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-    PATCH_SEES_PATCHES: tl.constexpr, PATCH_SEES_SUMMARY: tl.constexpr,
+    PATCH_SEES_SUMMARY: tl.constexpr,
     PREC: tl.constexpr,
 ):
     # inductor passes Python floats as fp64; keep the softmax state in fp32
@@ -137,13 +137,12 @@ def _patch_fwd(
         vs = tl.load(V + stok[:, None] * svl + dv[None, :] * svd, mask=vmask, other=0.0).to(tl.float32)
         m, l, acc = _merge_row_key(m, l, acc, tl.sum(qf * ks, 1) * qk_scale, vs)
 
-    if PATCH_SEES_PATCHES:
-        k = tl.load(K + tok[:, None] * skl + d[None, :] * skd, mask=qmask, other=0.0)  # [BLOCK_M, D]
-        v = tl.load(V + tok[:, None] * svl + dv[None, :] * svd, mask=vmask, other=0.0)  # [BLOCK_M, DV]
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_M]
-        same_pack = (pk[:, None] == pk[None, :]) & row_ok[None, :]
-        s = tl.where(same_pack, s, float("-inf"))
-        m, l, acc = _merge_key_block(m, l, acc, s, v, PREC)
+    k = tl.load(K + tok[:, None] * skl + d[None, :] * skd, mask=qmask, other=0.0)  # [BLOCK_M, D]
+    v = tl.load(V + tok[:, None] * svl + dv[None, :] * svd, mask=vmask, other=0.0)  # [BLOCK_M, DV]
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_M]
+    same_pack = (pk[:, None] == pk[None, :]) & row_ok[None, :]
+    s = tl.where(same_pack, s, float("-inf"))
+    m, l, acc = _merge_key_block(m, l, acc, s, v, PREC)
 
     acc = acc / l[:, None]
     tl.store(O + tok[:, None] * sol + dv[None, :] * sod, acc.to(O.dtype.element_ty), mask=vmask)
@@ -164,7 +163,6 @@ def _summary_fwd(
     H, L, P, qk_scale, SIZE_BUCKET,
     K2: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SUM_SEES_PATCHES: tl.constexpr, SUM_SEES_SUMMARIES: tl.constexpr,
     PREC: tl.constexpr,
 ):
     # inductor passes Python floats as fp64; keep the softmax state in fp32
@@ -198,29 +196,29 @@ def _summary_fwd(
     l = tl.full([BLOCK_M], 1.0, tl.float32)
     acc = tl.load(V + gtok[:, None] * svl + dv[None, :] * svd, mask=vmask, other=0.0).to(tl.float32)
 
-    if SUM_SEES_PATCHES:  # the pack's own patches, one slot at a time
-        pstart = tl.load(pack_start + rp)
-        pcnt = tl.load(pack_count + rp)
-        for j in range(K2):  # not unrolled: keeps compile time down
-            ok = row_ok & (j < pcnt)
-            kt = pstart + j
-            kj = tl.load(K + kt[:, None] * skl + d[None, :] * skd, mask=ok[:, None] & (d < HEAD_D)[None, :],
-                         other=0.0).to(tl.float32)
-            vj = tl.load(V + kt[:, None] * svl + dv[None, :] * svd, mask=ok[:, None] & (dv < HEAD_DV)[None, :],
-                         other=0.0).to(tl.float32)
-            sj = tl.where(ok, tl.sum(qf * kj, 1) * qk_scale, float("-inf"))
-            m, l, acc = _merge_row_key(m, l, acc, sj, vj)
+    # the pack's own patches, one slot at a time
+    pstart = tl.load(pack_start + rp)
+    pcnt = tl.load(pack_count + rp)
+    for j in range(K2):  # not unrolled: keeps compile time down
+        ok = row_ok & (j < pcnt)
+        kt = pstart + j
+        kj = tl.load(K + kt[:, None] * skl + d[None, :] * skd, mask=ok[:, None] & (d < HEAD_D)[None, :],
+                     other=0.0).to(tl.float32)
+        vj = tl.load(V + kt[:, None] * svl + dv[None, :] * svd, mask=ok[:, None] & (dv < HEAD_DV)[None, :],
+                     other=0.0).to(tl.float32)
+        sj = tl.where(ok, tl.sum(qf * kj, 1) * qk_scale, float("-inf"))
+        m, l, acc = _merge_row_key(m, l, acc, sj, vj)
 
-    if SUM_SEES_SUMMARIES:  # every summary of the row's slide, BLOCK_N at a time
-        last = tl.minimum(first + BLOCK_M, P) - 1
-        lo = tl.load(slide_pack_start + tl.load(pack_slide + first))
-        hi = tl.load(slide_pack_start + tl.load(pack_slide + last) + 1)
-        for n0 in range(lo, hi, BLOCK_N):
-            ktok, kslide, kok, k, v = _summary_tile(K, V, n0, hi, P, pack_summary, pack_slide, skl, skd, svl, svd,
-                                                    HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N)  # k [BLOCK_N, D]
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
-            s = tl.where((slide[:, None] == kslide[None, :]) & kok[None, :], s, float("-inf"))
-            m, l, acc = _merge_key_block(m, l, acc, s, v, PREC)
+    # every summary of the row's slide, BLOCK_N at a time
+    last = tl.minimum(first + BLOCK_M, P) - 1
+    lo = tl.load(slide_pack_start + tl.load(pack_slide + first))
+    hi = tl.load(slide_pack_start + tl.load(pack_slide + last) + 1)
+    for n0 in range(lo, hi, BLOCK_N):
+        ktok, kslide, kok, k, v = _summary_tile(K, V, n0, hi, P, pack_summary, pack_slide, skl, skd, svl, svd,
+                                                HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N)  # k [BLOCK_N, D]
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
+        s = tl.where((slide[:, None] == kslide[None, :]) & kok[None, :], s, float("-inf"))
+        m, l, acc = _merge_key_block(m, l, acc, s, v, PREC)
 
     acc = acc / l[:, None]
     tl.store(O + tok[:, None] * sol + dv[None, :] * sod, acc.to(O.dtype.element_ty), mask=vmask)
@@ -328,11 +326,10 @@ def attention_fwd(q, k, v, lay: meta.LayoutArgs, scale: float, flags: meta.MaskF
     wrap_triton(_patch_fwd)[lambda c: (triton.cdiv(p, c["BLOCK_M"] // (pack_size ** 2)), b * h)](
         q, k, v, o, lse, lay.pack_patch_start, lay.pack_patch_count, lay.pack_summary_token, lay.pack_slide,
         lay.slide_token_start, *strides, *sizes, **common,
-        **flags.constexprs("PATCH_SEES_PATCHES", "PATCH_SEES_SUMMARY"))
+        **flags.constexprs("PATCH_SEES_SUMMARY"))
     wrap_triton(_summary_fwd)[lambda c: (triton.cdiv(p, c["BLOCK_M"]), b * h)](
         q, k, v, o, lse, lay.pack_patch_start, lay.pack_patch_count, lay.pack_summary_token, lay.pack_slide,
-        lay.slide_token_start, lay.slide_pack_start, *strides, *sizes, **common,
-        **flags.constexprs("SUM_SEES_PATCHES", "SUM_SEES_SUMMARIES"))
+        lay.slide_token_start, lay.slide_pack_start, *strides, *sizes, **common)
 
     nsplit = meta.num_splits(n_tok) if flags.global_sees_all else 1
     m_part = meta.new_buffer((b * h * s * nsplit,), torch.float32, q.device)

@@ -15,7 +15,7 @@ import triton
 from triton import knobs
 
 from topopack.layout import TopoLayout
-from topopack.rules import GLOBAL, PATCH, SUMMARY, KeyGroup, TopoRules, key_groups
+from topopack.rules import GLOBAL, PATCH, KeyGroup, TopoRules, sparse_key_groups
 
 # Decided when the kernels are decorated (triton.jit reads TRITON_INTERPRET then).
 INTERPRET = bool(knobs.runtime.interpret)
@@ -55,45 +55,21 @@ class LayoutArgs(NamedTuple):
 
 @dataclass(frozen=True)
 class MaskFlags:
-    """The rules as kernel constexprs, read from topopack.rules.key_groups."""
+    """The rules' optional key groups as kernel constexprs; the kernels always compute the
+    groups that topopack.rules.SPARSE_KEY_GROUPS lists as always seen."""
 
-    patch_sees_patches: bool
     patch_sees_summary: bool
-    summary_sees_patches: bool
-    summary_sees_summaries: bool
     global_sees_all: bool
 
     @classmethod
     def from_rules(cls, rules: TopoRules) -> "MaskFlags":
-        G = KeyGroup
-        groups = key_groups(rules)
-        supported = {
-            PATCH: {G.SLIDE_GLOBAL, G.PACK_PATCHES, G.PACK_SUMMARY},
-            SUMMARY: {G.SLIDE_GLOBAL, G.PACK_PATCHES, G.SLIDE_SUMMARIES},
-            GLOBAL: {G.SLIDE_GLOBAL, G.SLIDE_ALL},
-        }
-        for kind, gs in groups.items():
-            extra = set(gs) - supported[kind]
-            if extra:
-                raise NotImplementedError(
-                    f"triton backend: token kind {kind} cannot attend to {sorted(g.name for g in extra)}")
-            # every row sees its slide's global token: it seeds the online softmax and
-            # makes the global key's gradient a plain sum over the slide
-            if not gs & {G.SLIDE_GLOBAL, G.SLIDE_ALL}:
-                raise NotImplementedError(f"triton backend: token kind {kind} must see its slide's global token")
-        return cls(
-            patch_sees_patches=G.PACK_PATCHES in groups[PATCH],
-            patch_sees_summary=G.PACK_SUMMARY in groups[PATCH],
-            summary_sees_patches=G.PACK_PATCHES in groups[SUMMARY],
-            summary_sees_summaries=G.SLIDE_SUMMARIES in groups[SUMMARY],
-            global_sees_all=G.SLIDE_ALL in groups[GLOBAL],
-        )
+        groups = sparse_key_groups(rules, "triton")
+        return cls(patch_sees_summary=KeyGroup.PACK_SUMMARY in groups[PATCH],
+                   global_sees_all=KeyGroup.SLIDE_ALL in groups[GLOBAL])
 
     def constexprs(self, *names: str) -> dict:
         """The kernel constexprs `names` (a kernel takes only the flags it reads)."""
-        every = dict(PATCH_SEES_PATCHES=self.patch_sees_patches, PATCH_SEES_SUMMARY=self.patch_sees_summary,
-                     SUM_SEES_PATCHES=self.summary_sees_patches, SUM_SEES_SUMMARIES=self.summary_sees_summaries,
-                     GLOBAL_SEES_ALL=self.global_sees_all)
+        every = dict(PATCH_SEES_SUMMARY=self.patch_sees_summary, GLOBAL_SEES_ALL=self.global_sees_all)
         return {n: every[n] for n in names}
 
 

@@ -23,10 +23,10 @@ def dense_mask(layout: TopoLayout, rules: TopoRules = PAPER) -> torch.Tensor:
 
 
 def attention(q, k, v, layout: TopoLayout, rules: TopoRules = PAPER, scale: float | None = None) -> torch.Tensor:
-    """Masked softmax attention computed in float64; returns q.dtype. q, k, v: [B, H, L, D]."""
+    """Masked softmax attention computed in float64; returns q.dtype. q, k: [B, H, L, D], v: [B, H, L, Dv]."""
     mask = dense_mask(layout, rules).to(q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.einsum("bhid,bhjd->bhij", q.double(), k.double()) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key (padding) give zeros
+    probs = torch.softmax(scores, dim=-1)  # every row sees its global token; a NaN input stays NaN
     return torch.einsum("bhij,bhjd->bhid", probs, v.double()).to(q.dtype)

@@ -104,3 +104,15 @@ def test_compiled_flex_matches_reference(arithmetic):
     with torch.no_grad():
         out = flex.flex_attention(q, k, v, layout, BIDIRECTIONAL, arithmetic=arithmetic, compiled=True)
     torch.testing.assert_close(out, reference(q, k, v, layout, BIDIRECTIONAL), atol=2e-5, rtol=1e-4)
+
+
+def test_value_head_dim_of_its_own():
+    """v [B, H, L, Dv] with Dv != D through the public entry point, against the reference."""
+    layout = TopoLayout.cat([TopoLayout.from_grid(4, 5, 2), TopoLayout.from_coords([[0, 0], [1, 1]], 1, 2)])
+    g = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(2, 2, layout.num_tokens, 16, generator=g) for _ in range(2))
+    v = torch.randn(2, 2, layout.num_tokens, 5, generator=g)
+    with torch.no_grad():
+        out = topo_pack_attention(q, k, v, layout, rules=BIDIRECTIONAL, backend="flex")
+    assert out.shape == v.shape
+    torch.testing.assert_close(out, reference(q, k, v, layout, BIDIRECTIONAL), atol=2e-5, rtol=1e-4)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from topopack import BIDIRECTIONAL, PAPER, TopoLayout
+from topopack import BIDIRECTIONAL, PAPER, TopoLayout, topo_pack_attention
 from topopack.reference import MAX_DENSE_TOKENS, attention, dense_mask
 
 from strategies import layouts
@@ -74,3 +74,31 @@ def test_reference_refuses_huge_layouts():
     side = int(MAX_DENSE_TOKENS ** 0.5) + 2
     with pytest.raises(ValueError, match="O\\(L\\^2\\)"):
         dense_mask(TopoLayout.from_grid(side, side, 3))
+
+
+NAN_LAYOUT = TopoLayout.cat([TopoLayout.from_grid(3, 5, 2), TopoLayout.from_coords([[0, 0], [1, 1], [3, 0]], 1, 2)])
+
+
+@pytest.mark.parametrize("rules", [PAPER, BIDIRECTIONAL], ids=lambda r: r.name)
+@pytest.mark.parametrize("where", ["q", "k"])
+@pytest.mark.parametrize("token", ["global", "summary", "patch", "second slide's patch"])
+def test_nan_reaches_exactly_the_rows_that_see_it(token, where, rules):
+    """A NaN in one token's q row poisons that output row only; in its k row, the rows whose mask holds it.
+    The reference must not hide it (it used to zero NaN rows), and portable and flex must agree."""
+    layout = NAN_LAYOUT
+    t = {"global": 0, "summary": int(layout.pack_summary_token[2]), "patch": int(layout.patch_token[4]),
+         "second slide's patch": int(layout.patch_token[-1])}[token]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, layout.num_tokens, 8, generator=g) for _ in range(3))
+    {"q": q, "k": k}[where][:, :, t] = float("nan")
+    want = torch.zeros(layout.num_tokens, dtype=torch.bool)
+    if where == "q":
+        want[t] = True
+    else:
+        want = dense_mask(layout, rules)[:, t]
+    with torch.no_grad():
+        for backend in ("reference", "portable", "flex"):
+            out = topo_pack_attention(q, k, v, layout, rules=rules, backend=backend)
+            nan_rows = torch.isnan(out).any(-1)
+            assert torch.equal(nan_rows, want.expand_as(nan_rows)), backend
+            assert torch.isnan(out[:, :, want]).all() and torch.isfinite(out[:, :, ~want]).all(), backend

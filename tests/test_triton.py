@@ -161,6 +161,44 @@ def test_bad_head_dim_is_a_clear_error():
         topo_pack_attention(q, k, v, layout, backend="triton")
 
 
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_interpreter_refuses_half_precision(dtype):
+    """The interpreter's tl.dot returns garbage (~8e8) for half inputs instead of failing: refuse them."""
+    layout = TopoLayout.from_grid(3, 3, 2)
+    q, k, v = (t.detach().to(dtype) for t in qkv(layout))
+    with pytest.raises(ValueError, match=f"triton backend: {dtype} on the CPU interpreter .* backend='portable'"):
+        topo_pack_attention(q, k, v, layout, backend="triton")
+
+
+@needs_kernels
+@pytest.mark.parametrize("rules", [PAPER, BIDIRECTIONAL], ids=lambda r: r.name)
+def test_nan_rows_match_reference(rules):
+    """A NaN in one q row poisons that output row only, in one k row the rows that see that key: as the reference."""
+    layout = TopoLayout.cat([TopoLayout.from_grid(3, 5, 2), TopoLayout.from_coords([[0, 0], [1, 1], [3, 0]], 1, 2)])
+    layout = layout.to(DEVICE)
+    tokens = [0, int(layout.pack_summary_token[2]), int(layout.patch_token[4]), int(layout.patch_token[-1])]
+    for name in "qk":
+        for t in tokens:
+            q, k, v = (x.detach() for x in qkv(layout, b=1))
+            {"q": q, "k": k}[name][:, :, t] = float("nan")
+            with torch.no_grad():
+                got = topo_pack_attention(q, k, v, layout, rules=rules, backend="triton")
+            want = reference(q.double(), k.double(), v.double(), layout, rules)
+            assert torch.equal(torch.isnan(got), torch.isnan(want)), (name, t)
+            assert torch.isnan(want[:, :, t]).all() if name == "q" else torch.isnan(want).any()
+
+
+def test_rules_outside_the_sparse_table_are_refused(monkeypatch):
+    from topopack import rules as rules_module
+    G = rules_module.KeyGroup
+    groups = dict(rules_module.key_groups(PAPER))
+    groups[rules_module.SUMMARY] = frozenset({G.SLIDE_GLOBAL, G.SLIDE_SUMMARIES})  # a summary without its patches
+    monkeypatch.setattr(rules_module, "key_groups", lambda rules: groups)
+    with pytest.raises(NotImplementedError, match="triton backend: token kind 1 attends to"):
+        meta.MaskFlags.from_rules(PAPER)
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype, rules, k", [(torch.bfloat16, BIDIRECTIONAL, 3), (torch.float16, PAPER, 2),
                                              (torch.float32, BIDIRECTIONAL, 4), (torch.bfloat16, PAPER, 1)],
@@ -186,8 +224,7 @@ POINTERS = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "O": "*fp16", "DO": "*fp16
             "DV": "*fp16", "LSE": "*fp32", "DELTA": "*fp32", "M_PART": "*fp32", "L_PART": "*fp32",
             "ACC_PART": "*fp32", "DQ_PART": "*fp32", "DK_PART": "*fp32", "DV_PART": "*fp32"}
 dims = dict(HEAD_D=64, HEAD_DV=64, BLOCK_D=64, BLOCK_DV=64)
-flags = dict(PATCH_SEES_PATCHES=True, PATCH_SEES_SUMMARY=True, SUM_SEES_PATCHES=True, SUM_SEES_SUMMARIES=True,
-             GLOBAL_SEES_ALL=True)
+flags = dict(PATCH_SEES_SUMMARY=True, GLOBAL_SEES_ALL=True)
 for kernel in (F._patch_fwd, F._summary_fwd, F._global_fwd_split, F._global_fwd_merge, B._bwd_delta,
                B._patch_bwd, B._summary_bwd_dq, B._summary_bwd_dkv, B._global_bwd_split, B._global_bwd_merge):
     fn = kernel.fn if hasattr(kernel, "configs") else kernel  # unwrap triton.autotune

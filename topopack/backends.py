@@ -6,10 +6,11 @@ tensors in token order. Adding a backend is one line here plus its own module.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 import torch
+
+from topopack.kernels import triton_runs_on
 
 BACKENDS = {
     "reference": "topopack.reference.dense:attention",
@@ -19,15 +20,9 @@ BACKENDS = {
 }
 
 
-def triton_runs_on(device: torch.device) -> bool:
-    """Triton kernels run on CUDA, and on the CPU under TRITON_INTERPRET=1."""
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def auto_backend(device: torch.device) -> str:
-    return "triton" if device.type == "cuda" and importlib.util.find_spec("triton") else "portable"
+    """Triton on CUDA when it is installed, portable elsewhere (the interpreter is for tests)."""
+    return "triton" if device.type == "cuda" and triton_runs_on(device) else "portable"
 
 
 def get_backend(name: str | None, device: torch.device):

@@ -296,12 +296,6 @@ class TopoLayout:
     def to(self, device) -> "TopoLayout":
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "pack_size"})
 
-    def slide_sizes(self) -> list[tuple[int, int, int]]:
-        """Host-side (first_token, num_packs, num_tokens) per slide."""
-        starts = self.slide_token_start.tolist()
-        packs = self.slide_pack_start.diff().tolist()
-        return [(starts[s], packs[s], starts[s + 1] - starts[s]) for s in range(self.num_slides)]
-
     def pack_slots(self) -> torch.Tensor:
         """[P, k*k] token index of each pack's patches, -1 past the pack's count."""
         k2 = self.pack_size ** 2

@@ -53,19 +53,41 @@ def key_groups(rules: TopoRules) -> dict[int, frozenset[KeyGroup]]:
     return {PATCH: frozenset(patch), SUMMARY: frozenset(summary), GLOBAL: frozenset(glob)}
 
 
+# What the sparse backends (portable, Triton) compute per query kind: (the key groups they
+# always attend to, the key groups a rule flag may add). One table for both backends.
+SPARSE_KEY_GROUPS = {
+    PATCH: (frozenset({KeyGroup.SLIDE_GLOBAL, KeyGroup.PACK_PATCHES}), frozenset({KeyGroup.PACK_SUMMARY})),
+    SUMMARY: (frozenset({KeyGroup.SLIDE_GLOBAL, KeyGroup.PACK_PATCHES, KeyGroup.SLIDE_SUMMARIES}), frozenset()),
+    GLOBAL: (frozenset(), frozenset({KeyGroup.SLIDE_GLOBAL, KeyGroup.SLIDE_ALL})),
+}
+
+
+def sparse_key_groups(rules: TopoRules, backend: str) -> dict[int, frozenset[KeyGroup]]:
+    """key_groups(rules), checked against SPARSE_KEY_GROUPS; NotImplementedError names what `backend` lacks."""
+    groups = key_groups(rules)
+    for kind, gs in groups.items():
+        always, optional = SPARSE_KEY_GROUPS[kind]
+        # every row must see its slide's global token: it seeds the kernels' online softmax
+        if always - gs or gs - always - optional or not gs & {KeyGroup.SLIDE_GLOBAL, KeyGroup.SLIDE_ALL}:
+            raise NotImplementedError(
+                f"{backend} backend: token kind {kind} attends to {sorted(g.name for g in gs)}, but the sparse "
+                f"backends compute {sorted(g.name for g in always)} plus any of {sorted(g.name for g in optional)}")
+    return groups
+
+
 def in_group(group: KeyGroup, q_pack, q_slide, k_kind, k_pack, k_slide):
     """Elementwise: is the key in `group` of the query? Works on tensors or ints."""
     same_slide = q_slide == k_slide
     if group is KeyGroup.SLIDE_GLOBAL:
         return same_slide & (k_kind == GLOBAL)
     if group is KeyGroup.PACK_PATCHES:
-        return (q_pack == k_pack) & (k_kind == PATCH) & (q_pack >= 0)
+        return (q_pack == k_pack) & (k_kind == PATCH)
     if group is KeyGroup.PACK_SUMMARY:
-        return (q_pack == k_pack) & (k_kind == SUMMARY) & (q_pack >= 0)
+        return (q_pack == k_pack) & (k_kind == SUMMARY)
     if group is KeyGroup.SLIDE_SUMMARIES:
         return same_slide & (k_kind == SUMMARY)
     if group is KeyGroup.SLIDE_ALL:
-        return same_slide & (k_kind >= 0)
+        return same_slide
     raise ValueError(f"unknown key group {group!r}")
 
 
@@ -73,11 +95,11 @@ def allowed(rules: TopoRules, q_kind, q_pack, q_slide, k_kind, k_pack, k_slide):
     """Elementwise mask: may a query with these attributes attend to this key?
 
     Arguments broadcast like tensors (the reference passes [L, 1] and [1, L];
-    FlexAttention's mask_mod passes scalars). Padding (kind -1) is never a key.
+    FlexAttention's mask_mod passes scalars).
     """
     result = None
     for kind, groups in key_groups(rules).items():
         for group in groups:
             edge = (q_kind == kind) & in_group(group, q_pack, q_slide, k_kind, k_pack, k_slide)
             result = edge if result is None else result | edge
-    return result & (k_kind >= 0)
+    return result
