@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from topopack import RULES_BY_NAME, TopoLayout, TopoPackAttention
-from topopack.layout import segment_mean as _segment_mean
+from topopack.layout import segment_mean
 from topopack.model.timing import median_seconds
 
 from .config import FRACTION, NON_NEGATIVE, POSITIVE, option, validate
@@ -118,7 +118,7 @@ class SlideEncoder(nn.Module):
             raise ValueError(f"layout has pack_size {layout.pack_size}, the encoder was built for {cfg.pack_size}")
         if cfg.center_input:
             patch_slide = layout.pack_slide[layout.patch_pack]
-            mean = _segment_mean(patch_features, patch_slide, layout.num_slides)
+            mean = segment_mean(patch_features, patch_slide, layout.num_slides)
             patch_features = patch_features - mean[..., patch_slide, :]
             summary_features = None if summary_features is None else summary_features - mean[..., layout.pack_slide, :]
             global_features = None if global_features is None else global_features - mean

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from topopack import RULES_BY_NAME, TopoLayout
-from topopack.layout import segment_mean as _segment_mean
+from topopack.layout import segment_mean
 
+from .crops import Crop
 from .encoder import Block, SlideEncoder, token_positions
 from .moco import pack_neighbours
 
@@ -51,25 +52,45 @@ class MaskedBatch:
     baseline: torch.Tensor         # [M, C] trivial guess: mean of the visible patches of its slide
     neighbours: torch.Tensor       # [P, 8] adjacent packs in the full layout, -1 where absent
     phase: int
+    summary_features: torch.Tensor | None = None  # [1, Pv, C] the files' summary tokens of the visible packs
+    global_features: torch.Tensor | None = None   # [1, S, C] the files' global tokens
 
     def to(self, device) -> "MaskedBatch":
-        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "phase"}
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if f.name != "phase" and getattr(self, f.name) is not None}
         return replace(self, **moved)
 
 
+def file_tokens(crops: list[Crop]) -> tuple[bool, bool]:
+    """Whether the crops carry the files' summary / global features: all of them or none (ValueError)."""
+    out = []
+    for name in ("summaries", "global_"):
+        have = {getattr(c, name) is not None for c in crops}
+        if len(have) > 1:
+            what = "summary_features" if name == "summaries" else "global_features"
+            raise ValueError(f"some slides of a batch have {what} and some do not: give every file of the data "
+                             f"set the same datasets (topopack extract writes both)")
+        out.append(have.pop())
+    return out[0], out[1]
+
+
 def mask_slides(crops, pack_size: int, ratio: float, phase: int, gen: torch.Generator) -> MaskedBatch:
-    """Masks each crop (features [N, C], coords [N, 2], patch_size, origin [2]) and batches them.
+    """Masks each crop (a Crop, or a tuple features [N, C], coords [N, 2], patch_size, origin [2]) and batches them.
 
     phase 1 hides round(ratio * N) patches per slide, phase 2 round(ratio * P) packs;
-    at least one patch (pack) stays visible per slide.
+    at least one patch (pack) stays visible per slide. A hidden pack's target is the file's summary feature of the
+    pack when the crops carry them (else the mean of its patches); the visible packs' summary features and the
+    global features are the encoder's inputs, as in finetune.
     """
     if not 0 < ratio < 1:
         raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
     if phase not in (PATCH_MASKING, PACK_MASKING):
         raise ValueError(f"phase must be 1 (patches) or 2 (packs), got {phase}")
-    fulls, viss, feats, vis_idx, tgt_tok, tgt, base = [], [], [], [], [], [], []
+    crops = [Crop(*c) for c in crops]
+    has_summaries, has_global = file_tokens(crops)
+    fulls, viss, feats, vis_idx, tgt_tok, tgt, base, summ = [], [], [], [], [], [], [], []
     tok_off = patch_off = 0
-    for features, coords, patch_size, origin in crops:
+    for features, coords, patch_size, origin, summaries, _ in crops:
         full = TopoLayout.from_coords(coords, patch_size, pack_size, origin=origin)
         n = features.shape[0]
         if phase == PATCH_MASKING:
@@ -86,12 +107,16 @@ def mask_slides(crops, pack_size: int, ratio: float, phase: int, gen: torch.Gene
         hid = (~visible).nonzero()[:, 0]
         mean_visible = features[vis].mean(0)
         hp = hidden_packs.nonzero()[:, 0]
-        pack_mean = _segment_mean(features, full.patch_pack, full.num_packs)
+        pack_target = summaries if has_summaries else segment_mean(features, full.patch_pack, full.num_packs)
         tgt_tok += [full.patch_token[hid] + tok_off, full.pack_summary_token[hp] + tok_off]
-        tgt += [features[hid], pack_mean[hp]]
+        tgt += [features[hid], pack_target[hp]]
         base.append(mean_visible.expand(hid.numel() + hp.numel(), -1))
         fulls.append(full)
-        viss.append(TopoLayout.from_coords(coords[vis], patch_size, pack_size, origin=origin))
+        visible_layout = TopoLayout.from_coords(coords[vis], patch_size, pack_size, origin=origin)
+        viss.append(visible_layout)
+        if has_summaries:  # a visible pack's row: the full pack of its patches
+            rows = torch.zeros(visible_layout.num_packs, dtype=torch.long)
+            summ.append(summaries[rows.scatter_(0, visible_layout.patch_pack.long(), full.patch_pack[vis].long())])
         feats.append(features[vis])
         vis_idx.append(vis + patch_off)
         tok_off += full.num_tokens
@@ -104,7 +129,9 @@ def mask_slides(crops, pack_size: int, ratio: float, phase: int, gen: torch.Gene
     v2f[layout.pack_summary_token[layout.patch_pack]] = full.pack_summary_token[full.patch_pack[vis_idx]]
     v2f[layout.slide_global_token] = full.slide_global_token
     return MaskedBatch(torch.cat(feats)[None], layout, full, v2f, torch.cat(tgt_tok), torch.cat(tgt),
-                       torch.cat(base), pack_neighbours(full), phase)
+                       torch.cat(base), pack_neighbours(full), phase,
+                       torch.cat(summ)[None] if has_summaries else None,
+                       torch.stack([c.global_ for c in crops])[None] if has_global else None)
 
 
 def _choose(n: int, ratio: float, gen: torch.Generator) -> torch.Tensor:
@@ -141,7 +168,7 @@ class MAE(nn.Module):
     def predict(self, batch: MaskedBatch) -> torch.Tensor:
         """[M, C] predicted input features of the hidden tokens: the mean of the visible
         patches of the slide plus a learned correction (so training starts at the trivial guess)."""
-        tokens = self.encoder(batch.features, batch.layout).tokens  # [1, Lv, D]
+        tokens = self.encoder(batch.features, batch.layout, batch.summary_features, batch.global_features).tokens
         full = batch.full_layout
         y = self.dec_embed(tokens)
         x = self.mask_token.to(y.dtype).expand(1, full.num_tokens, -1).index_copy(1, batch.visible_to_full, y)

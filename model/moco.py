@@ -18,6 +18,7 @@ from torch import nn
 
 from topopack import TopoLayout
 
+from .crops import Crop
 from .encoder import SlideEncoder
 
 # the 8 neighbouring pack cells (row, col offsets)
@@ -41,9 +42,13 @@ class ContrastBatch:
     layout: TopoLayout
     positive: torch.Tensor    # [P] the pack whose key is each pack's positive
     neighbours: torch.Tensor  # [P, 8] adjacent packs of the same slide, -1 where absent
+    query_summaries: torch.Tensor | None = None  # [1, P, C] the files' summary tokens, noised like the patches
+    key_summaries: torch.Tensor | None = None
+    global_features: torch.Tensor | None = None  # [1, S, C]
 
     def to(self, device) -> "ContrastBatch":
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if getattr(self, f.name) is not None})
 
 
 def pack_neighbours(layout: TopoLayout) -> torch.Tensor:
@@ -62,14 +67,23 @@ def pack_neighbours(layout: TopoLayout) -> torch.Tensor:
 
 
 def contrast_batch(crops, pack_size: int, cfg: MoCoConfig, gen: torch.Generator) -> ContrastBatch:
-    """Two noised views of each crop (features [N, C], coords, patch_size, origin) and each pack's positive."""
-    layouts, views, keys = [], [], []
-    for features, coords, patch_size, origin in crops:
+    """Two noised views of each crop (a Crop, or features [N, C], coords, patch_size, origin) and each pack's
+    positive. The files' summary features, when the crops carry them, are the summary tokens' inputs (noised with
+    the same per-channel scale), as in finetune; their global features go in unchanged."""
+    from .mae import file_tokens
+
+    crops = [Crop(*c) for c in crops]
+    has_summaries, has_global = file_tokens(crops)
+    layouts, views, keys, q_summ, k_summ = [], [], [], [], []
+    for features, coords, patch_size, origin, summaries, _ in crops:
         layouts.append(TopoLayout.from_coords(coords, patch_size, pack_size, origin=origin))
         std = features.std(0, keepdim=True) if features.shape[0] > 1 else features.new_ones(1, features.shape[1])
-        noise = lambda: torch.randn(features.shape, generator=gen) * std * cfg.noise_std
-        views.append(features + noise())
-        keys.append(features + noise())
+        noise = lambda x: x + torch.randn(x.shape, generator=gen) * std * cfg.noise_std  # noqa: E731
+        views.append(noise(features))
+        keys.append(noise(features))
+        if has_summaries:
+            q_summ.append(noise(summaries))
+            k_summ.append(noise(summaries))
     layout = TopoLayout.cat(layouts)
     nb = pack_neighbours(layout)
     # pick one existing neighbour per pack at random, or the pack itself
@@ -77,7 +91,10 @@ def contrast_batch(crops, pack_size: int, cfg: MoCoConfig, gen: torch.Generator)
     pick = nb.gather(1, score.argmax(1, keepdim=True))[:, 0]
     use_nb = (torch.rand(nb.shape[0], generator=gen) < cfg.neighbour_prob) & (pick >= 0)
     positive = torch.where(use_nb, pick, torch.arange(nb.shape[0]))
-    return ContrastBatch(torch.cat(views)[None], torch.cat(keys)[None], layout, positive, nb)
+    glob = torch.stack([c.global_ for c in crops])[None] if has_global else None
+    return ContrastBatch(torch.cat(views)[None], torch.cat(keys)[None], layout, positive, nb,
+                         torch.cat(q_summ)[None] if has_summaries else None,
+                         torch.cat(k_summ)[None] if has_summaries else None, glob)
 
 
 def projection_head(dim: int, out: int) -> nn.Module:
@@ -103,15 +120,20 @@ class MoCo(nn.Module):
     def key_params(self):
         return list(self.key_encoder.parameters()) + list(self.key_head.parameters())
 
-    def embed(self, features, layout, key: bool = False) -> torch.Tensor:
+    def embed(self, features, layout, key: bool = False, summaries=None, globals_=None) -> torch.Tensor:
         """[P, proj_dim] unit-norm embeddings of the summary tokens."""
         enc, head = (self.key_encoder, self.key_head) if key else (self.encoder, self.head)
-        return F.normalize(head(enc(features, layout).summaries[0]).float(), dim=-1)
+        return F.normalize(head(enc(features, layout, summaries, globals_).summaries[0]).float(), dim=-1)
+
+    def views(self, batch: ContrastBatch, key: bool = False) -> torch.Tensor:
+        if key:
+            return self.embed(batch.key, batch.layout, True, batch.key_summaries, batch.global_features)
+        return self.embed(batch.query, batch.layout, False, batch.query_summaries, batch.global_features)
 
     def forward(self, batch: ContrastBatch):
-        q = self.embed(batch.query, batch.layout)
+        q = self.views(batch)
         with torch.no_grad():
-            k = self.embed(batch.key, batch.layout, key=True)[batch.positive]
+            k = self.views(batch, key=True)[batch.positive]
         pos = (q * k).sum(-1, keepdim=True)
         neg = q @ self.queue.t()
         logits = torch.cat([pos, neg], 1) / self.cfg.temperature
@@ -161,8 +183,8 @@ def evaluate(model: MoCo, batches) -> dict[str, float]:
     model.eval()
     pos_sum = neg_sum = pos_n = neg_n = 0.0
     for b in batches:
-        q = model.embed(b.query, b.layout)
-        k = model.embed(b.key, b.layout, key=True)
+        q = model.views(b)
+        k = model.views(b, key=True)
         sim = q @ k.t()
         p = q.shape[0]
         pos_sum += float(sim[torch.arange(p), b.positive].sum())

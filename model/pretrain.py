@@ -27,6 +27,7 @@ from topopack.backends import BACKENDS
 from topopack.io import Slide, load_slides, split_slides
 from topopack.rules import RULES_BY_NAME
 
+from .crops import eval_crops, sample_crops
 from .config import FRACTION, NON_NEGATIVE, POSITIVE, Check, add_config_arguments, config_from_args, option, validate
 from .encoder import SlideEncoder, SlideEncoderConfig, load_encoder, save_encoder
 from .mae import MAE, PACK_MASKING, PATCH_MASKING, MAEConfig, mask_slides
@@ -119,40 +120,6 @@ def configs(args) -> tuple[PretrainOptions, TrainConfig]:
     opts = config_from_args(PretrainOptions, args).resolved()
     steps = args.steps if args.steps is not None else (QUICK if opts.quick else FULL)["steps"]
     return opts, config_from_args(TrainConfig, args, steps=steps)
-
-
-def crop(slide: Slide, max_patches: int, gen: torch.Generator, pack_size: int = 3, max_shift: int = 16):
-    """(features, coords, patch_size, origin) of a square-ish window of at most max_patches
-    patches around a random patch.
-
-    The origin is the slide's, moved up-left by a random whole number (< max_shift) of packs
-    per axis: packs keep their patches while grid cells shift, so a model cannot memorise
-    where things are on a training slide from absolute positions.
-    """
-    origin = slide.coords.min(0).values
-    shift = torch.randint(max_shift, (2,), generator=gen) if max_shift > 0 else torch.zeros(2, dtype=torch.long)
-    moved = origin - shift * pack_size * slide.patch_size
-    n = slide.num_patches
-    if n <= max_patches:
-        return slide.features, slide.coords, slide.patch_size, moved
-    cells = (slide.coords - origin) // slide.patch_size
-    anchor = cells[int(torch.randint(n, (1,), generator=gen))]
-    dist_ = (cells - anchor).abs().amax(1)
-    idx = torch.argsort(dist_, stable=True)[:max_patches].sort().values
-    return slide.features[idx], slide.coords[idx], slide.patch_size, moved
-
-
-def sample_crops(slides, k: int, max_patches: int, gen, pack_size: int = 3):
-    pick = torch.randint(len(slides), (k,), generator=gen).tolist()
-    return [crop(slides[i], max_patches, gen, pack_size) for i in pick]
-
-
-def eval_crops(slides, per_slide: int, k: int, max_patches: int, seed: int, pack_size: int = 3):
-    """Fixed crops of every slide, grouped k per batch; generator seeded independently of training."""
-    gen = torch.Generator().manual_seed(seed)
-    crops = [crop(s, max_patches, gen, pack_size) for s in slides
-             for _ in range(per_slide if s.num_patches > max_patches else 1)]
-    return [crops[i:i + k] for i in range(0, len(crops), k)], gen
 
 
 def build_encoder(opts: PretrainOptions, in_dim: int) -> SlideEncoder:

@@ -48,9 +48,10 @@ def test_portable_matches_dense_reference(rules):
 
 def test_paper_rules_keep_packs_apart():
     """With given summary and global inputs, a patch only ever reaches its own pack's patches
-    (and, through the summaries, every summary), never another pack's patches."""
+    (and, through the summaries, every summary), never another pack's patches. (Without input centring: the
+    slide's mean feature, subtracted from every patch, links them all by design.)"""
     layout = ragged_layout(2)
-    enc = tiny(depth=3)
+    enc = tiny(depth=3, center_input=False)
     x = torch.randn(1, layout.num_patches, C)
     s, g = torch.randn(1, layout.num_packs, C), torch.randn(1, 1, C)
     i = 5

@@ -16,7 +16,8 @@ from topopack.model.mae import MAE, MAEConfig, mask_slides
 from topopack.model.moco import MoCo, MoCoConfig, contrast_batch, pack_neighbours
 from topopack.model import pretrain as pretrain_module
 from topopack.model import trainer
-from topopack.model.pretrain import QUICK, add_arguments, crop, pretrain, sample_crops
+from topopack.model.crops import crop, sample_crops
+from topopack.model.pretrain import QUICK, add_arguments, pretrain
 from topopack.model.synth import write_synthetic
 from topopack.model.trainer import CHECKPOINT, batch_generator, load_checkpoint
 from topopack.model.vqa_data import load_vqa, make_vqa_files
@@ -165,7 +166,7 @@ def test_crops(data):
     slides = load_slides(data)
     s = slides[0]
     g = torch.Generator().manual_seed(0)
-    f, coords, ps, origin = crop(s, 50, g, pack_size=3)
+    f, coords, ps, origin, *_ = crop(s, 50, g, pack_size=3)
     shift = s.coords.min(0).values - origin  # whole packs, so packs keep their patches
     assert f.shape[0] == 50 and (shift >= 0).all() and (shift % (3 * ps) == 0).all()
     cells = (coords - s.coords.min(0).values) // ps
@@ -216,7 +217,7 @@ def test_torchrun_two_processes(tmp_path, data):
     keys = 0
     for step in range(3):
         for rank in range(2):
-            for f, coords, ps, origin in sample_crops(train, 2, 40, batch_generator(0, step, 0, rank)):
+            for f, coords, ps, origin, *_ in sample_crops(train, 2, 40, batch_generator(0, step, 0, rank)):
                 keys += TopoLayout.from_coords(coords, ps, 3, origin=origin).num_packs
     assert int(state["queue_ptr"]) == keys % TINY["queue"]
 
@@ -283,3 +284,53 @@ def test_only_rank_zero_writes(tmp_path, data, monkeypatch):
         monkeypatch.setattr(module, "init_distributed", lambda: (1, 1))
     assert pretrain("mae", data, tmp_path / "out", **QUICK_RUN) == {}
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("phase", [1, 2])
+def test_pretraining_feeds_the_files_summary_and_global_features(tmp_path, phase):
+    """With summary/global features in the file, a crop carries the rows of its packs, MAE's encoder gets them as
+    the summary and global tokens' inputs and predicts them for hidden packs, and MoCo's views start from them:
+    the tokens finetune and ask feed the encoder."""
+    import numpy as np
+
+    from topopack.io import load_slide, save_slide
+    from topopack.model.synth import make_slide
+
+    raw = make_slide(np.random.default_rng(3), 400, dim=C)
+    full_layout = TopoLayout.from_coords(torch.from_numpy(raw["coords"]), raw["patch_size"], 3)
+    gen = torch.Generator().manual_seed(0)
+    S, G = torch.randn(full_layout.num_packs, C, generator=gen), torch.randn(C, generator=gen)
+    save_slide(tmp_path / "s.h5", raw["features"], raw["coords"], raw["patch_size"], summary_features=S,
+               global_features=G)
+    slide = load_slide(tmp_path / "s.h5")
+    slide_pack = slide.layout(3, origin=slide.origin).patch_pack
+    where = {tuple(xy): i for i, xy in enumerate(slide.coords.tolist())}
+
+    whole = crop(slide, 10 ** 6, torch.Generator().manual_seed(1), pack_size=3)
+    assert torch.equal(whole.summaries, S) and torch.equal(whole.global_, G)  # finetune's rows, in its order
+    c = crop(slide, 60, torch.Generator().manual_seed(2), pack_size=3)
+    own = TopoLayout.from_coords(c.coords, c.patch_size, 3, origin=c.origin)
+    for j, xy in enumerate(c.coords.tolist()):
+        assert torch.equal(c.summaries[own.patch_pack[j]], S[slide_pack[where[tuple(xy)]]])
+
+    enc = SlideEncoder(SlideEncoderConfig(in_dim=C, dim=8, depth=1, heads=2, mlp_dim=8))
+    seen = []
+    plain_forward = enc.forward
+    enc.forward = lambda f, layout, s=None, g=None: seen.append((s, g)) or plain_forward(f, layout, s, g)
+    b = mask_slides([c], 3, 0.75, phase, torch.Generator().manual_seed(3))
+    MAE(enc, MAEConfig(dec_dim=8, dec_depth=1, dec_heads=2))(b)
+    summ, glob = seen[-1]
+    full = b.full_layout
+    enc_pack = full.token_pack[b.visible_to_full[b.layout.pack_summary_token]]
+    torch.testing.assert_close(summ[0], c.summaries[enc_pack])
+    torch.testing.assert_close(glob[0, 0], G)
+    hidden_summary = full.token_kind[b.target_token] == 1
+    assert hidden_summary.any() or phase == 1
+    torch.testing.assert_close(b.target[hidden_summary], c.summaries[full.token_pack[b.target_token[hidden_summary]]])
+
+    batch = contrast_batch([c], 3, MoCoConfig(noise_std=0.0), torch.Generator().manual_seed(4))
+    torch.testing.assert_close(batch.query_summaries[0], c.summaries)
+    MoCo(enc, MoCoConfig(queue=16))(batch)
+    torch.testing.assert_close(seen[-2][0][0], c.summaries)  # the query encoder's call
+    with pytest.raises(ValueError, match="some slides of a batch have summary_features"):
+        mask_slides([c, c._replace(summaries=None)], 3, 0.75, phase, torch.Generator())
