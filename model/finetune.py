@@ -13,8 +13,9 @@ import torch
 
 from topopack.model.config import POSITIVE, Check, add_config_arguments, config_from_args, option, validate
 from topopack.model.encoder import load_encoder
-from topopack.model.llm import LoraSettings, TinyLlamaConfig
-from topopack.model.model_dir import STAGES, build_model, save_model
+from topopack.model.llm import DTYPES, QUANT, LoraSettings, TinyLlamaConfig
+from topopack.model.model_dir import STAGES, build_model, place, save_model
+from topopack.model.prompt import IGNORE
 from topopack.model.qformer import QFormerConfig
 from topopack.model.records import SAMPLING, load_records, parse_family_weights, sample_weights, vocabulary_texts
 from topopack.model.summaries import SummaryCache, make_samples
@@ -47,9 +48,38 @@ class FinetuneConfig:
     device: str = option("cuda" if torch.cuda.is_available() else "cpu", "device")
     patch_size: int | None = option(None, "level-0 patch size of the slide files, for files that lack it (CLAM at "
                                           "level > 0 without downsample)", check=POSITIVE)
+    image_root: str | None = option(None, "directory the records' images are relative to (default: the data file's "
+                                          "directory)")
+    llm_dtype: str = option("auto", "LLM base weights: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16, fp32; LoRA "
+                                    "and the connector stay fp32", choices=("auto", *DTYPES))
+    llm_quant: str | None = option(None, "4bit or 8bit base weights through bitsandbytes (QLoRA; CUDA only)",
+                                   choices=QUANT)
+    grad_ckpt: bool = option(False, "activation checkpointing in the LLM (saves memory, costs a recompute)")
+    max_length: int | None = option(None, "longest sequence (prompt + visual tokens + answers) in tokens; default "
+                                          "the LLM's context length", check=POSITIVE)
+    overlong: str = option("truncate", "longer samples: truncate (cut the end; dropped if no answer token is left) "
+                                       "or drop", choices=("truncate", "drop"))
 
     def __post_init__(self):
         validate(self)
+
+
+def fit_length(samples: list, max_length: int, visual: int, mode: str) -> tuple[list[int], int, int]:
+    """(indices kept, truncated, dropped): samples longer than ``max_length`` tokens are cut at the end or dropped;
+    a cut sample with no supervised token left is dropped."""
+    keep, truncated, dropped = [], 0, 0
+    for i, s in enumerate(samples):
+        room = max_length - s.before.numel() - visual
+        if s.after.numel() <= room:
+            keep.append(i)
+            continue
+        if mode == "drop" or room < 1 or bool((s.labels[:room] == IGNORE).all()):
+            dropped += 1
+            continue
+        s.after, s.labels = s.after[:room], s.labels[:room]
+        truncated += 1
+        keep.append(i)
+    return keep, truncated, dropped
 
 
 # ---- the command ----------------------------------------------------------------------------
@@ -64,13 +94,14 @@ def add_arguments(p) -> None:
 def finetune(stage: str, data, encoder_path, out, *, llm=None, init=None, blind=False, batch_size=16, steps=300,
              lr=3e-4, resume=False, device="cpu", qformer_cfg=None, tiny=None, lora=None, seed=0, desc=None,
              train_kw=None, stop_after=None, cache: SummaryCache | None = None, sampling: str = "family",
-             family_weights: str | None = None, overwrite: bool = False) -> dict:
-    """Python entry point of `topopack finetune`; returns the training result and writes the model directory."""
+             family_weights: str | None = None, overwrite: bool = False, **options) -> dict:
+    """Python entry point of `topopack finetune`; returns the training result and writes the model directory.
+    ``options``: the other FinetuneConfig fields (llm_dtype=, max_length=, image_root=, ...)."""
     from topopack.model.trainer import TrainConfig
 
     fcfg = FinetuneConfig(stage=stage, data=str(data), encoder=str(encoder_path), llm=llm and str(llm),
                           init=init and str(init), blind=blind, batch_size=batch_size, sampling=sampling,
-                          family_weights=family_weights, device=str(device))
+                          family_weights=family_weights, device=str(device), **options)
     tcfg = TrainConfig(out=str(out), steps=steps, lr=lr, resume=resume, seed=seed, overwrite=overwrite,
                        **(train_kw or {}))
     return _run(fcfg, tcfg, qformer_cfg or QFormerConfig(), tiny or TinyLlamaConfig(), lora or LoraSettings(),
@@ -87,7 +118,7 @@ def _run(fcfg: FinetuneConfig, cfg, qformer_cfg: QFormerConfig, tiny: TinyLlamaC
          desc=None, stop_after=None, cache=None):
     rank, _ = init_distributed()
     prepare_output(cfg, rank)  # before encoding any slide
-    records = load_records(fcfg.data, fcfg.stage)
+    records = load_records(fcfg.data, fcfg.stage, image_root=fcfg.image_root)
     texts = vocabulary_texts(records)
     encoder = load_encoder(fcfg.encoder)
     # a shared cache must hold this encoder's summaries
@@ -95,9 +126,20 @@ def _run(fcfg: FinetuneConfig, cfg, qformer_cfg: QFormerConfig, tiny: TinyLlamaC
     cache.encode_all(r["slide"] for r in records)
     vlm, meta = build_model(fcfg.stage, encoder, texts, llm_path=fcfg.llm, init=fcfg.init, blind=fcfg.blind,
                             qformer_cfg=qformer_cfg, tiny=tiny, lora=lora, seed=cfg.seed, out=cfg.out,
-                            memory_dim=cache.memory_dim({r["slide"] for r in records}), write=rank == 0)
-    vlm.to(fcfg.device)
+                            memory_dim=cache.memory_dim({r["slide"] for r in records}), write=rank == 0,
+                            device=fcfg.device, llm_dtype=fcfg.llm_dtype, llm_quant=fcfg.llm_quant)
+    place(vlm, fcfg.device)
+    if fcfg.grad_ckpt:
+        vlm.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     samples = make_samples(records, vlm.tokenizer, cache, meta["prompt"])
+    max_length = fcfg.max_length or getattr(vlm.llm.config, "max_position_embeddings", None)
+    if max_length is not None:
+        keep, truncated, dropped = fit_length(samples, max_length, qformer_cfg.num_queries, fcfg.overlong)
+        if truncated or dropped:
+            print(f"finetune: {truncated} sample(s) truncated and {dropped} dropped at --max-length {max_length}")
+        if not keep:
+            raise ValueError(f"--max-length {max_length}: every sample is too long to keep an answer token")
+        records, samples = [records[i] for i in keep], [samples[i] for i in keep]
     weights = sample_weights(records, fcfg.sampling, parse_family_weights(fcfg.family_weights or ""))
 
     def make_batch(step, micro, gen):
@@ -112,6 +154,7 @@ def _run(fcfg: FinetuneConfig, cfg, qformer_cfg: QFormerConfig, tiny: TinyLlamaC
     save_model(cfg.out, vlm, meta, fcfg.encoder)
     write_metrics(cfg.out, {"stage": fcfg.stage, "blind": fcfg.blind, "final_loss": result["final_loss"],
                             "steps": result["steps"], "train_records": len(records),
+                            "truncated": truncated if max_length else 0, "dropped": dropped if max_length else 0,
                             "trainable_params": sum(p.numel() for p in vlm.parameters() if p.requires_grad)})
     return result
 

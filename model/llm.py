@@ -92,8 +92,42 @@ def build_default_llm(tokenizer, cfg: TinyLlamaConfig | None = None, seed: int =
         return LlamaForCausalLM(config)
 
 
-def load_llm(path, dtype=torch.float32):
-    """(model, tokenizer) from a local HF checkpoint directory (e.g. Qwen2.5, Vicuna); never downloads."""
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+QUANT = ("4bit", "8bit")
+
+
+def resolve_dtype(name: str | None, device) -> torch.dtype:
+    """The LLM's weight dtype: "auto" (or None) is bf16 on CUDA and fp32 on the CPU."""
+    if name in (None, "auto"):
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"--llm-dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def quantization_config(quant: str | None, device):
+    """bitsandbytes settings for a 4/8-bit base model (QLoRA); a clear error where they cannot run."""
+    if quant is None:
+        return None
+    if quant not in QUANT:
+        raise ValueError(f"--llm-quant must be one of {QUANT}, got {quant!r}")
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"--llm-quant {quant} needs a CUDA device (bitsandbytes kernels); got --device {device}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError(f"--llm-quant {quant} needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    if quant == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def load_llm(path, dtype=torch.float32, quant: str | None = None, device="cpu"):
+    """(model, tokenizer) from a local HF checkpoint directory (e.g. Qwen2.5, Vicuna); never downloads.
+    ``quant`` ("4bit"/"8bit", CUDA only) loads the base weights through bitsandbytes for QLoRA."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path)
@@ -101,8 +135,14 @@ def load_llm(path, dtype=torch.float32):
         raise FileNotFoundError(f"--llm {path}: not a local checkpoint directory (nothing is downloaded)")
     if not (p / "config.json").exists():
         raise FileNotFoundError(f"--llm {path}: no config.json; save the model with save_pretrained first")
+    bnb = quantization_config(quant, device)
     tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=dtype)
+    kw = {"quantization_config": bnb, "device_map": {"": torch.device(device).index or 0}} if bnb else {}
+    model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=dtype, **kw)
+    if bnb is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
@@ -135,15 +175,25 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 def add_lora(model, settings: LoraSettings):
-    """Wrap ``model`` with fresh LoRA adapters (only they train)."""
+    """Wrap ``model`` with fresh LoRA adapters (only they train, in fp32 whatever the base weights' dtype)."""
     from peft import get_peft_model
-    return get_peft_model(freeze(model), settings.peft_config())
+
+    model = get_peft_model(freeze(model), settings.peft_config())
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:  # modules_to_save copies keep the base dtype
+            p.data = p.data.float()
+    return model
 
 
 def load_lora(model, adapter_dir, trainable: bool = False):
-    """Attach saved LoRA adapters to ``model``."""
+    """Attach saved LoRA adapters to ``model`` (fp32 adapters, as they trained)."""
     from peft import PeftModel
-    return PeftModel.from_pretrained(freeze(model), adapter_dir, is_trainable=trainable)
+
+    model = PeftModel.from_pretrained(freeze(model), adapter_dir, is_trainable=trainable)
+    for name, p in model.named_parameters():
+        if ("lora_" in name or "modules_to_save" in name) and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
 
 
 __all__ = ["SPECIAL_TOKENS", "TinyLlamaConfig", "LoraSettings", "build_tokenizer", "build_default_llm", "load_llm",

@@ -5,6 +5,7 @@ visual tokens, then the ids after it with their labels (answers supervised, the 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,14 @@ class HepatoLLaVA(nn.Module):
             embeds[i, sl], mask[i, sl], lab[i, sl] = r, 1, l.to(self.device)
         return embeds, mask, lab
 
+    def llm_precision(self):
+        """Autocast to the LLM's half dtype (bf16/fp16 base weights beside fp32 LoRA and trained heads), on any
+        device; nothing for an fp32 LLM."""
+        dtype = self.llm.get_input_embeddings().weight.dtype
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
     @staticmethod
     def positions(mask: torch.Tensor) -> torch.Tensor:
         return (mask.cumsum(-1) - 1).clamp_min(0)
@@ -86,7 +95,8 @@ class HepatoLLaVA(nn.Module):
     def forward(self, samples: list[Sample]) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean cross-entropy over the answer tokens, plus answer-token accuracy."""
         embeds, mask, labels = self.assemble(samples)
-        logits = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=self.positions(mask)).logits
+        with self.llm_precision():
+            logits = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=self.positions(mask)).logits
         logits, target = logits[:, :-1].float(), labels[:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
         with torch.no_grad():
@@ -110,8 +120,9 @@ class HepatoLLaVA(nn.Module):
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             if seed is not None:
                 torch.manual_seed(seed)
-            out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                    eos_token_id=eos, pad_token_id=pad, use_cache=use_cache, **decoding)
+            with self.llm_precision():
+                out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                        eos_token_id=eos, pad_token_id=pad, use_cache=use_cache, **decoding)
         return [row[:row.index(eos)] if eos in row else row for row in out.tolist()]  # only new tokens
 
     def answer(self, samples: list[Sample], **kw) -> list[str]:
