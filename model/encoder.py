@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from topopack import RULES_BY_NAME, TopoLayout, TopoPackAttention
 from topopack.layout import segment_mean
@@ -106,6 +107,7 @@ class SlideEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_dim, cfg.dropout, rules, cfg.backend)
                                     for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
+        self.grad_checkpointing = False  # a training setting, not part of the architecture
 
     def embed(self, patch_features, layout: TopoLayout, summary_features=None, global_features=None):
         """Input tokens [B, L, dim] before the blocks (projection + type and optional position codes)."""
@@ -129,9 +131,13 @@ class SlideEncoder(nn.Module):
         return self.drop(x)
 
     def forward_tokens(self, x: torch.Tensor, layout: TopoLayout) -> torch.Tensor:
-        """The blocks and the final norm on embedded tokens [B, L, dim]."""
+        """The blocks and the final norm on embedded tokens [B, L, dim]; with ``grad_checkpointing`` each block's
+        activations are recomputed in backward instead of kept (whole slides in training)."""
         for block in self.blocks:
-            x = block(x, layout)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, layout, use_reentrant=False)
+            else:
+                x = block(x, layout)
         return self.norm(x)
 
     def forward(self, patch_features, layout: TopoLayout, summary_features=None, global_features=None) -> EncoderOutput:

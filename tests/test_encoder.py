@@ -144,3 +144,21 @@ def test_center_input_removes_slide_offsets():
     torch.testing.assert_close(enc(x, layout).tokens, enc(shifted, layout).tokens, rtol=1e-4, atol=1e-4)
     plain = tiny()
     assert not torch.allclose(plain(x, layout).tokens, plain(shifted, layout).tokens)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    """Per-block activation checkpointing recomputes in backward: same output and gradients, dropout included."""
+    layout = ragged_layout(4)
+    x = torch.randn(1, layout.num_patches, C)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        enc = tiny(depth=2, dropout=0.1).train()
+        enc.grad_checkpointing = ckpt
+        torch.manual_seed(1)
+        out = enc(x, layout).tokens
+        out.square().mean().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in enc.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b)
