@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": ("topopack.model.evaluate", "score a fine-tuned model on held-out VQA"),
     "ask": ("topopack.model.ask", "answer a question about a slide, or a file of questions"),
     "data": ("topopack.model.data_check", "validate instruction files (either schema) and count them"),
+    "extract": ("topopack.model.extract", "slides (.svs, .tiff, ...) -> TRIDENT-layout feature files"),
 }
 # what a user's input can raise: bad files, values, paths (SlideError, LayoutError, VQAError, RegionError and the
 # checkpoint errors are ValueErrors)
