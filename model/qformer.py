@@ -82,10 +82,13 @@ class QFormerLayer(nn.Module):
         self.log_sigma = (nn.Parameter(torch.full((cfg.heads,), math.log(1.0 / cfg.anchors)))
                           if cfg.anchors > 0 else None)
 
-    def forward(self, q, memory, pad_mask, dist2=None):
-        """dist2 [B, Q, K] squared anchor-key distances (0 for free queries and registers) or None."""
+    def forward(self, q, memory, pad_mask, dist2=None, need_weights: bool = False):
+        """dist2 [B, Q, K] squared anchor-key distances (0 for free queries and registers) or None.
+        ``need_weights``: return (q, self-attention [B, H, Q, Q], cross-attention [B, H, Q, K]) per-head weights."""
+        kw = dict(need_weights=True, average_attn_weights=False) if need_weights else dict(need_weights=False)
         h = self.norm1(q)
-        q = q + self.drop(self.self_attn(h, h, h, need_weights=False)[0])
+        sa, self_w = self.self_attn(h, h, h, **kw)
+        q = q + self.drop(sa)
         m = self.norm_mem(memory)
         bias = torch.zeros(pad_mask.shape, dtype=q.dtype, device=q.device).masked_fill(pad_mask, float("-inf"))
         bias = bias[:, None, None, :].expand(-1, self.heads, q.shape[1], -1)
@@ -93,8 +96,10 @@ class QFormerLayer(nn.Module):
             inv = 0.5 * torch.exp(-2.0 * self.log_sigma).to(q.dtype)
             bias = bias - dist2[:, None] * inv[None, :, None, None]
         bias = bias.reshape(-1, q.shape[1], pad_mask.shape[1])
-        q = q + self.drop(self.cross_attn(self.norm2(q), m, m, attn_mask=bias, need_weights=False)[0])
-        return q + self.drop(self.ffn(self.norm3(q)))
+        ca, cross_w = self.cross_attn(self.norm2(q), m, m, attn_mask=bias, **kw)
+        q = q + self.drop(ca)
+        q = q + self.drop(self.ffn(self.norm3(q)))
+        return (q, self_w, cross_w) if need_weights else q
 
 
 class QFormer(nn.Module):
@@ -117,7 +122,9 @@ class QFormer(nn.Module):
         self.out = nn.Linear(cfg.dim, cfg.llm_dim)
 
     def forward(self, memory: torch.Tensor, pad_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, need_weights: bool = False):
+        """With ``need_weights``: (visual tokens, [(self-attention [B, H, Q, Q], cross-attention [B, H, Q, R + M])
+        per layer]); the cross-attention keys are the ``registers`` learned keys, then the memory tokens."""
         if memory.ndim != 3 or memory.shape[-1] != self.cfg.enc_dim:
             raise ValueError(f"memory must be [B, M, {self.cfg.enc_dim}], got {tuple(memory.shape)}")
         b, m, _ = memory.shape
@@ -136,9 +143,15 @@ class QFormer(nn.Module):
         dist2 = self.anchor_distances(pad_mask, positions, mem.dtype)
         pad_mask = torch.cat([pad_mask.new_zeros(b, self.cfg.registers), pad_mask], 1)
         q = self.queries.expand(b, -1, -1)
+        weights = []
         for layer in self.layers:
-            q = layer(q, mem, pad_mask, dist2)
-        return self.out(self.norm(q))
+            if need_weights:
+                q, self_w, cross_w = layer(q, mem, pad_mask, dist2, need_weights=True)
+                weights.append((self_w, cross_w))
+            else:
+                q = layer(q, mem, pad_mask, dist2)
+        out = self.out(self.norm(q))
+        return (out, weights) if need_weights else out
 
     def anchor_distances(self, pad_mask, positions, dtype) -> torch.Tensor | None:
         """[B, Q, R + M] squared distances from each anchored query's grid point to the keys (positions
