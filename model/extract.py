@@ -11,10 +11,10 @@ SLIDES is a slide or a folder of slides OpenSlide reads (.svs, .tif, .tiff, .ndp
    magnification is its objective power, else 10 / mpp (--magnification or --mpp override both; a slide with
    neither fails with a message saying so); patches with at least --min-tissue tissue are kept;
 3. features: each patch embedded by the patch encoder (model/patch_encoder.py: a local Hugging Face model
-   folder, a TorchScript file, timm:NAME or open_clip:NAME); ``summary_features`` [P, C]: each k x k pack's
-   mosaic (its patches in a white k*patch-size square, resized to the encoder's input), packs in the order of
-   TopoLayout.from_coords(coords, patch_size_level0, k) (row-major from the smallest coords); ``global_features``
-   [C]: the whole-slide thumbnail (white-padded square);
+   folder, a torch.export .pt2 or TorchScript file, timm:NAME or open_clip:NAME); ``summary_features``
+   [P, C]: each k x k pack's mosaic (its patches in a white k*patch-size square, resized to the encoder's
+   input), packs in the order of TopoLayout.from_coords(coords, patch_size_level0, k) (row-major from the
+   smallest coords); ``global_features`` [C]: the whole-slide thumbnail (white-padded square);
 4. OUT/<slide name>.h5 in TRIDENT's layout: ``features`` [N, C] float32, ``coords`` [N, 2] int64 level-0 (x, y)
    with attributes patch_size, patch_size_level0, level0_magnification, target_magnification, level0_width,
    level0_height, overlap (0); the file's attributes ``pack_size`` and ``topopack_encoder``.
@@ -44,27 +44,25 @@ import torch
 from topopack.layout import MAX_PACK_SIZE, MIN_PACK_SIZE, TopoLayout
 
 from .config import POSITIVE, UNIT, Check, add_config_arguments, config_from_args, option, validate
+from .extract_files import PART, add_tokens, finished, remove_stale_parts, write_new
 from .patch_encoder import EncoderError, load_patch_encoder
 from .progress import progress
 from .wsi import SLIDE_SUFFIXES, Geometry, PackDataset, SlideReadError, collate_packs, find_wsi, open_slide
-
-PART = ".part-"  # temporary files: .<name>.h5.part-<pid> (not a slide suffix: no command reads them)
-
 
 @dataclass
 class ExtractConfig:
     slides: str = option(help="a slide, or a folder of slides (" + ", ".join(SLIDE_SUFFIXES) + ", any case)")
     out: str = option(help="output folder: <slide name>.h5 per slide")
-    encoder: str = option(help="patch encoder: a local Hugging Face model folder, a TorchScript file, "
-                          "timm:NAME or open_clip:NAME (with --weights)")
+    encoder: str = option(help="patch encoder: a local Hugging Face model folder, a torch.export .pt2 or "
+                          "TorchScript file, timm:NAME or open_clip:NAME (with --weights)")
     weights: str | None = option(None, "local weights file for timm: and open_clip: encoders")
     encoder_kwargs: str | None = option(None, "timm: JSON keyword arguments of timm.create_model "
                                         "(UNI: '{\"init_values\": 1e-5, \"dynamic_img_size\": true}')")
     pool: str = option("cls", "Hugging Face models: the CLS token of last_hidden_state, or pooler_output",
                        choices=("cls", "pooler"))
-    input_size: int = option(224, "TorchScript encoders: input side in pixels", check=POSITIVE)
-    mean: str = option("0.485,0.456,0.406", "TorchScript encoders: channel means of [0, 1] pixels")
-    std: str = option("0.229,0.224,0.225", "TorchScript encoders: channel standard deviations")
+    input_size: int = option(224, ".pt2 / TorchScript encoders: input side in pixels", check=POSITIVE)
+    mean: str = option("0.485,0.456,0.406", ".pt2 / TorchScript encoders: channel means of [0, 1] pixels")
+    std: str = option("0.229,0.224,0.225", ".pt2 / TorchScript encoders: channel standard deviations")
     target_magnification: float = option(20.0, "magnification of the patches", check=POSITIVE)
     patch_size: int = option(256, "patch side in pixels at --target-magnification", check=POSITIVE)
     magnification: float | None = option(None, "level-0 magnification of every slide (overrides its metadata)",
@@ -126,8 +124,8 @@ def tissue_patches(slide, path, cfg: ExtractConfig) -> tuple[np.ndarray, Geometr
     return coords, Geometry.of(slide, cfg.patch_size, ps0), attrs
 
 
-def source_patches(slide, source: Path) -> tuple[np.ndarray, Geometry, TopoLayout, int]:
-    """--coords-from: the source file's raw coords, their geometry, layout (as load_slide sees it) and width."""
+def source_patches(slide, source: Path):
+    """--coords-from: the source file's raw coords, their geometry, the file as load_slide reads it, its width."""
     import h5py
 
     from topopack.io import load_slide
@@ -199,82 +197,6 @@ def extract_one(path: Path, out: Path, cfg: ExtractConfig, encoder, source: Path
         tmp.unlink(missing_ok=True)
 
 
-# ---- files --------------------------------------------------------------------------------------
-def write_new(path: Path, features, coords, coords_attrs: dict, **extra_attrs) -> None:
-    import h5py
-
-    with h5py.File(path, "w") as f:
-        feats = f.create_dataset("features", data=np.asarray(features, np.float32))
-        c = f.create_dataset("coords", data=np.asarray(coords, np.int64))
-        for key, value in {**coords_attrs, **extra_attrs}.items():
-            c.attrs[key] = value
-        for key, value in extra_attrs.items():
-            feats.attrs[key] = value
-
-
-def add_tokens(path: Path, summary, glob, pack_size: int, encoder_name: str) -> None:
-    """Write (or replace) summary_features and global_features, and the run's attributes."""
-    import h5py
-
-    with h5py.File(path, "a") as f:
-        for key, value in (("summary_features", summary), ("global_features", glob)):
-            if key in f:
-                del f[key]
-            f.create_dataset(key, data=np.asarray(value, np.float32))
-        f.attrs["pack_size"] = pack_size
-        f.attrs["topopack_encoder"] = encoder_name
-
-
-def finished(out: Path, expected: dict, in_place: bool) -> bool:
-    """Whether OUT is a finished file of this run's settings; errors for a foreign or mismatched file."""
-    import h5py
-
-    if not out.exists():
-        return False
-    try:
-        with h5py.File(out, "r") as f:
-            attrs = {**f.attrs, **(f["coords"].attrs if "coords" in f else {})}
-            complete = "summary_features" in f and "global_features" in f
-    except OSError as e:
-        raise SlideReadError(f"{out}: exists but cannot be read ({e}): delete it to extract the slide again") from None
-    if "topopack_encoder" not in attrs:
-        if in_place:
-            return False
-        raise SlideReadError(f"{out}: exists and was not written by topopack extract: choose another --out")
-    differ = [f"{k} {_value(attrs.get(k))!r} (this run: {v!r})" for k, v in expected.items()
-              if _value(attrs.get(k)) != v]
-    if differ:
-        raise SlideReadError(f"{out}: was extracted with other settings: {', '.join(differ)}; use another --out or "
-                             "delete the file")
-    return complete
-
-
-def _value(v):
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
-def remove_stale_parts(out_dir: Path) -> None:
-    """Temporary files of runs that no longer exist (killed before they could rename or delete them)."""
-    for part in out_dir.glob(f".*{PART}*"):
-        pid = part.name.rsplit(PART, 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
-            part.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 # ---- the command --------------------------------------------------------------------------------
 def add_arguments(p) -> None:
     add_config_arguments(p, ExtractConfig)
@@ -284,7 +206,16 @@ def _check_openslide() -> None:
     try:
         import openslide  # noqa: F401
     except ImportError as e:
-        raise ValueError(f"topopack extract needs OpenSlide: pip install openslide-python openslide-bin ({e})") from None
+        raise ValueError(f"topopack extract needs OpenSlide: pip install openslide-python openslide-bin ({e})"
+                         ) from None
+
+
+def _failure(path: Path, source: Path | None, e: Exception) -> str:
+    """One line that names the slide (or its --coords-from file)."""
+    last = (str(e).strip().splitlines() or [""])[-1]  # a DataLoader worker's error ends with the original one
+    if str(path) in last or (source is not None and str(source) in last):
+        return last
+    return f"{path}: {type(e).__name__}: {last}"
 
 
 def main(args) -> int:
@@ -324,7 +255,7 @@ def main(args) -> int:
         except EncoderError:
             raise  # the encoder's problem, not the slide's: every slide would fail
         except Exception as e:  # noqa: BLE001 - one bad slide must not stop the others
-            message = str(e) if str(path) in str(e) or str(source) in str(e) else f"{path}: {type(e).__name__}: {e}"
+            message = _failure(path, source, e)
             print(f"extract: failed: {message}", file=sys.stderr, flush=True)
             failed.append(message)
     print(f"extract: {written} written, {skipped} already done, {len(failed)} failed, of {len(slides)} slides in "

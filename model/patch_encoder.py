@@ -5,8 +5,9 @@
   DINOv2, ...); embedding = the CLS token of ``last_hidden_state`` (what Phikon and Phikon-v2 publish; a ViT
   ``pooler_output`` is a dense + tanh head that SSL checkpoints never trained), or ``pooler_output`` with
   ``--pool pooler``; patches go through the model's own image processor;
-- a TorchScript file (``torch.jit.load``) mapping [B, 3, H, W] to [B, C]; input size and normalisation from
-  ``--input-size``, ``--mean``, ``--std``;
+- a torch.export program (``.pt2``, ``torch.export.save``) or a TorchScript file (``torch.jit.load``, deprecated
+  by torch) mapping [B, 3, H, W] to [B, C] (export with a dynamic batch dimension); input size and
+  normalisation from ``--input-size``, ``--mean``, ``--std``;
 - ``timm:NAME`` or ``open_clip:NAME`` with ``--weights FILE`` (UNI, CONCH-style models), when timm / open_clip
   are installed (they need torchvision; not installed or tested here).
 
@@ -139,12 +140,17 @@ def _load_hf(path: Path, pool: str, device):
     return forward, HFPatch(processor), HFWhole(processor, size), size
 
 
-def _load_torchscript(path: Path, device, size: int, mean, std):
+def _load_program(path: Path, device, size: int, mean, std):
+    """A torch.export program (.pt2) or a TorchScript file (anything else)."""
+    kind = "torch.export (.pt2)" if path.suffix.lower() == ".pt2" else "TorchScript"
     try:
-        model = torch.jit.load(str(path), map_location=device).eval()
-    except (RuntimeError, ValueError) as e:
-        raise EncoderError(f"--encoder {path}: not a TorchScript file ({e.__class__.__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        if kind == "TorchScript":
+            model = torch.jit.load(str(path), map_location=device).eval()
+        else:
+            model = torch.export.load(str(path)).module().to(device)
+    except Exception as e:  # noqa: BLE001 - both loaders raise many types for a wrong file
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise EncoderError(f"--encoder {path}: not a {kind} file ({type(e).__name__}: {first})") from None
     t = Normalize((size, size), mean, std)
     return model, t, t, (size, size)
 
@@ -200,10 +206,10 @@ def load_patch_encoder(spec: str, *, device="cpu", weights=None, pool: str = "cl
             forward, pt, it, size = _load_hf(path, pool, device)
             label = f"{path.name} ({pool})"
         elif path.is_file():
-            forward, pt, it, size = _load_torchscript(path, device, input_size, mean, std)
+            forward, pt, it, size = _load_program(path, device, input_size, mean, std)
             label = path.name
         else:
-            raise EncoderError(f"--encoder {spec}: no such model folder or TorchScript file (or timm:NAME / "
+            raise EncoderError(f"--encoder {spec}: no such model folder, .pt2 or TorchScript file (or timm:NAME / "
                                "open_clip:NAME with --weights)")
     enc = PatchEncoder(label, forward, pt, it, size, device)
     from PIL import Image

@@ -51,8 +51,8 @@ def write_slide(path, image: np.ndarray, *, mag: float | None = 20, mpp: float |
         desc = f"Aperio Image Library v12.0.0\n{w}x{h} [0,0 {w}x{h}] ({TILE}x{TILE}) RAW|" + "|".join(fields)
     with tifffile.TiffWriter(path) as tif:
         for i, level in enumerate(levels):
-            tif.write(level, tile=(TILE, TILE), photometric="rgb", compression="zlib", compressionargs={"level": 1}, metadata=None,
-                      description=desc if i == 0 else None)
+            tif.write(level, tile=(TILE, TILE), photometric="rgb", compression="zlib", compressionargs={"level": 1},
+                      metadata=None, description=desc if i == 0 else None)
     return levels
 
 

@@ -226,3 +226,40 @@ def test_unknown_magnification_is_named_and_the_flag_overrides_it(vit, tmp_path,
 def test_magnification_and_mpp_together_are_refused(vit, tmp_path, capsys):
     assert run("--slides", tmp_path, "--out", tmp_path, "--encoder", vit, "--magnification", 20, "--mpp", 0.5) == 2
     assert "not both" in capsys.readouterr().err
+
+
+class TinyConv(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 8, stride=8)
+
+    def forward(self, x):
+        return self.conv(x).mean((2, 3))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch deprecates torch.jit
+@pytest.mark.parametrize("kind", ["pt2", "torchscript"])
+def test_exported_and_torchscript_encoders_embed_normalised_patches(slides, tmp_path, kind):
+    from PIL import Image
+
+    model, example = TinyConv().eval(), torch.zeros(2, 3, 32, 32)
+    if kind == "pt2":
+        path = tmp_path / "enc.pt2"
+        batch = torch.export.Dim("batch")
+        torch.export.save(torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}}), path)
+    else:
+        path = tmp_path / "enc.ts"
+        torch.jit.trace(model, example).save(str(path))
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    assert run("--slides", slides[0] / "a20.tiff", "--out", tmp_path / "out", "--encoder", path, "--workers", 0,
+               "--input-size", 32, "--mean", ",".join(map(str, mean)), "--std", ",".join(map(str, std))) == 0
+    slide = load_slide(tmp_path / "out" / "a20.h5")
+    patches, _, _ = _patches_and_mosaics(slide, slides[1]["a20"][0], 20)
+    x = np.stack([np.asarray(p.resize((32, 32), Image.BILINEAR), np.float32).transpose(2, 0, 1) / 255
+                  for p in patches])
+    x = (x - np.reshape(mean, (3, 1, 1))) / np.reshape(std, (3, 1, 1))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x.astype(np.float32)))
+    torch.testing.assert_close(slide.features, expected, atol=1e-5, rtol=1e-4)
+    assert slide.summary_features.shape == (slide.layout(K).num_packs, 8)
