@@ -246,9 +246,10 @@ def render_evidence(ev: Evidence, encoded, png_path, *, wsi=None, size_px: int =
 
         cax = make_axes_locatable(ax).append_axes("right", size="4%", pad=0.1)
         fig.colorbar(im, cax=cax,
-                     label=f"evidence per pack ({ev.method}; sums to 1 over {ev.weights.numel()} packs)")
+                     label=f"evidence per pack ({ev.method}; {ev.weights.numel()} packs, sum 1)")
         lines = [*textwrap.wrap("Q: " + ev.question, 80), *textwrap.wrap("A: " + ev.answer, 80)]
         ax.set_title("\n".join(lines), fontsize=9, loc="left")
+        fig.tight_layout()
         png_path = Path(png_path)
         png_path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(png_path, dpi=dpi)

@@ -12,6 +12,7 @@ from topopack.model.encoder import SlideEncoder, SlideEncoderConfig, save_encode
 from topopack.model.llm import build_tokenizer
 from topopack.model.prompt import encode_conversation
 from topopack.model.qformer import QFormer, QFormerConfig, region_positions
+from topopack.model.regions import pack_boxes
 from topopack.model.summaries import SummaryCache
 from topopack.model.vlm import HepatoLLaVA, Sample
 
@@ -142,6 +143,7 @@ def test_planted_answer_points_to_its_pack(world, method):
     target = sorted(nearest_packs(vlm.qformer.anchor_xy, s.positions)[0])
     assert torch.isfinite(w).all() and float(w.sum()) == pytest.approx(1.0)
     assert float(w[target].sum()) > 0.999
+    assert vlm.llm.config._attn_implementation == "sdpa"  # eager only for the evidence pass
 
 
 @pytest.mark.parametrize("method", E.METHODS)
@@ -203,6 +205,16 @@ def test_bad_inputs_are_named(world):
         E.evidence(vlm, world[1][0], QUESTION, answer=ANSWER)
 
 
+def test_region_file_has_no_boxes_to_map(world, tmp_path):
+    from topopack.model.summaries import write_region_file
+
+    _, slides, cache, _ = world
+    e = cache.get(slides[0])
+    region = write_region_file(tmp_path / "r.pt", cache, slides[0], pack_boxes(e.layout, e.origin, e.cell_size)[0])
+    with pytest.raises(E.EvidenceError, match="pre-encoded region file has no pack boxes"):
+        E.evidence(tiny_vlm(world), region, QUESTION, answer=ANSWER, cache=cache)
+
+
 # ---- one slide end to end: JSON, PNG, the Assistant path --------------------------------
 def test_evidence_json_round_trip_and_map(world, tmp_path):
     import matplotlib.image as mpimg
@@ -260,6 +272,43 @@ def test_wsi_background_needs_openslide(world, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "openslide", None)  # as if not installed
     with pytest.raises(E.EvidenceError, match="openslide-python, which is not installed"):
         E.render_evidence(ev, cache.get(slides[0]), tmp_path / "m.png", wsi=tmp_path / "slide.svs")
+
+
+def test_wsi_thumbnail_is_the_background(world, tmp_path, monkeypatch):
+    """With a WSI the map is drawn over its thumbnail (a stand-in openslide module: a pink 'slide' image)."""
+    import types
+
+    import matplotlib.image as mpimg
+    import numpy as np
+    from PIL import Image
+
+    _, slides, cache, _ = world
+    e = cache.get(slides[0])
+    opened = []
+
+    class FakeSlide:
+        def __init__(self, path):
+            opened.append(str(path))
+            x1, y1 = (int(v) for v in pack_boxes(e.layout, e.origin, e.cell_size)[:, 2:].amax(0))
+            self.dimensions = (x1 + 500, y1 + 500)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def get_thumbnail(self, size):
+            return Image.new("RGB", (size[0], size[1] * 3 // 4), (250, 20, 200))
+
+    monkeypatch.setitem(sys.modules, "openslide", types.SimpleNamespace(OpenSlide=FakeSlide))
+    n = e.layout.num_packs
+    ev = E.Evidence(torch.full((n,), 1.0 / n, dtype=torch.float64), torch.arange(n),
+                    pack_boxes(e.layout, e.origin, e.cell_size), "attention", "q", "a", str(slides[0]))
+    png = E.render_evidence(ev, e, tmp_path / "wsi.png", wsi=tmp_path / "slide.svs", size_px=400)
+    img = mpimg.imread(png)[..., :3]
+    pink = (img[..., 0] > 0.9) & (img[..., 1] < 0.2) & (img[..., 2] > 0.7)
+    assert opened == [str(tmp_path / "slide.svs")] and img.shape[:2] == (400, 400) and pink.sum() > 100
 
 
 def test_cli_arguments():
