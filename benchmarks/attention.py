@@ -90,11 +90,15 @@ def _run(impl: Impl, case: Case, cfg: Config, meter: MemMeter, rec: Record) -> N
 
     rec.fwd_ms = median_ms(c.forward, device, cfg.quick)
     rec.host_fwd_us = host_us(c.forward, device)
-    rec.launches_fwd = launches_per_call(c.forward, device)
     if c.fwdbwd is not None:
         rec.fwdbwd_ms = median_ms(c.fwdbwd, device, cfg.quick, c.grads)
         rec.host_fwdbwd_us = host_us(c.fwdbwd, device, grads=c.grads)
-        rec.launches_fwdbwd = launches_per_call(c.fwdbwd, device, c.grads)
+    try:
+        rec.launches_fwd = launches_per_call(c.forward, device)
+        if c.fwdbwd is not None:
+            rec.launches_fwdbwd = launches_per_call(c.fwdbwd, device, c.grads)
+    except RuntimeError as e:  # a profiler that cannot start (no CUPTI, say) leaves the timings standing
+        rec.note = "; ".join(filter(None, [rec.note, f"no launch count: {(str(e).splitlines() or [''])[0][:120]}"]))
 
 
 def run(cfg: Config, on_size=None) -> list[Record]:
