@@ -69,8 +69,8 @@ class HFWhole:
         h, w = self.size
         if img.size != (w, h):
             img = img.resize((w, h), int(self.resample))
-        return self.processor(images=img.convert("RGB"), return_tensors="pt", do_resize=False,
-                              do_center_crop=False)["pixel_values"][0]
+        off = {"do_resize": False, **({"do_center_crop": False} if hasattr(self.processor, "do_center_crop") else {})}
+        return self.processor(images=img.convert("RGB"), return_tensors="pt", **off)["pixel_values"][0]
 
 
 @dataclass
