@@ -11,8 +11,8 @@ def median_seconds(fn, repeats: int, device: torch.device, *, grads=(), rep_ms: 
     """Median seconds of one call of ``fn`` after an untimed warm-up call (compiles, autotunes).
 
     CPU: ``torch.utils.benchmark.Timer`` at torch's thread count, about ``repeats`` timed calls and at least 0.2 s of
-    them (calls under ~10 ms are timed in blocks, a block giving one per-call time). CUDA: ``triton.testing.do_bench``, which times as
-    many calls as fill ``rep_ms``. ``grads``: tensors whose ``.grad`` is cleared before each call (fwd + bwd).
+    them (calls under ~10 ms are timed in blocks, a block giving one per-call time). CUDA: ``triton.testing.do_bench``,
+    which times as many calls as fill ``rep_ms``. ``grads``: tensors whose ``.grad`` is cleared before each call.
     """
     if repeats < 1:
         raise ValueError(f"median_seconds: repeats must be at least 1, got {repeats}")
