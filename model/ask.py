@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from topopack.model.config import positive_float, positive_int
+from topopack.model.evidence import add_evidence_arguments, write_evidence
 from topopack.model.regions import check_box
 from topopack.model.vlm import MAX_NEW_TOKENS
 
@@ -79,6 +80,7 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--patch-size", type=positive_int, default=None,
                    help="level-0 patch size of the slide files, for files that lack it")
+    add_evidence_arguments(p)
 
 
 def ask_batch(questions, out, *, slides=None, model=DEFAULT_MODEL, device="cpu", batch_size: int = 16,
@@ -113,6 +115,8 @@ def main(args) -> int:
     if args.questions is not None:
         if args.slide or args.question or args.region:
             raise ValueError("give either SLIDE QUESTION [--region] or --questions FILE, not both")
+        if args.evidence:
+            raise ValueError("--evidence explains one answer: give SLIDE QUESTION, not --questions")
         if args.out is None:
             raise ValueError("--questions needs --out predictions.jsonl")
         path = ask_batch(args.questions, args.out, slides=args.slides, model=args.model, device=args.device,
@@ -124,5 +128,9 @@ def main(args) -> int:
     answer = ask(args.slide, args.question, parse_region(args.region), model=args.model, sample=args.sample,
                  temperature=args.temperature, device=args.device, seed=args.seed,
                  max_new_tokens=args.max_new_tokens, patch_size=args.patch_size)
+    if args.evidence:
+        assistant = _LOADED[(str(args.model), str(args.device), args.patch_size)]
+        write_evidence(assistant, args.slide, args.question, parse_region(args.region), answer, args.evidence,
+                       args.evidence_json, args.evidence_method, wsi=args.evidence_wsi)
     print(answer)
     return 0

@@ -230,3 +230,20 @@ def test_grad_ckpt_and_max_length_flags(world, tmp_path):
     finetune("vqa", data, enc, tmp_path / "short", max_length=50, **kw)
     m = json.loads((tmp_path / "short" / "metrics.json").read_text())
     assert m["truncated"] + m["dropped"] > 0 and m["train_records"] == len(load_records(data, "vqa")) - m["dropped"]
+
+
+def test_ask_writes_an_evidence_map(world, tmp_path, capfd):
+    from topopack.model.cli import main as cli
+
+    root, data, enc = world
+    finetune("connector", data, enc, tmp_path / "conn", steps=1, **SMALL)
+    rec = next(r for r in load_records(data, "eval") if r["region"] is not None)
+    png = tmp_path / "map.png"
+    args = ["ask", rec["slide"], turn(rec)[0], "--model", str(tmp_path / "conn"), "--max-new-tokens", "4",
+            "--region", ",".join(str(v) for v in rec["region"]), "--evidence", str(png)]
+    assert cli(args) == 0
+    ev = json.loads(png.with_suffix(".json").read_text())
+    assert png.stat().st_size > 1000 and ev["answer"] == capfd.readouterr().out.strip()
+    assert abs(sum(ev["weights"]) - 1) < 1e-6 and len(ev["boxes"]) == len(ev["weights"]) >= 1
+    with pytest.raises(SystemExit):
+        cli(args[:1] + ["--questions", "q.json", "--out", "p.jsonl", "--evidence-method", "magic"])
