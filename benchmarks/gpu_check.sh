@@ -7,13 +7,17 @@
 #                                   flex's compile caches pre-warmed in parallel), then the slide encoder's
 #                                   throughput, triton against portable, each alone on the GPU; not yet timed on a GPU
 #                                   (the benchmark is cut at 460 s; its JSON and markdown keep every finished size);
-#   benchmarks/gpu_check.sh all     both, one after the other (more than one device call's worth).
+#   benchmarks/gpu_check.sh model   the slide encoder at scale (patches/s, peak memory, MFU; forward and
+#                                   forward+backward, eager and compiled, 36,864 and 103,041 patches; one training
+#                                   step on 199,809 patches with activation checkpointing), then one LoRA finetune
+#                                   step of the 7B-shaped Llama (benchmarks/llm_step.py); not yet timed on a GPU;
+#   benchmarks/gpu_check.sh all     tests and bench, one after the other (more than one device call's worth).
 # Results go to $OUT (default benchmarks/results/gpu). The device machine has torch and triton but no package
 # registry, so the repo is installed without dependencies.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-all}
-case "$STAGE" in tests|bench|all) ;; *) echo "usage: $0 [tests|bench|all]" >&2; exit 2;; esac
+case "$STAGE" in tests|bench|model|all) ;; *) echo "usage: $0 [tests|bench|model|all]" >&2; exit 2;; esac
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -22,6 +26,15 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee -a "$OUT/gpu_bench.log"
 SECONDS=0
+
+if [ "$STAGE" = model ]; then
+  timeout 330 python3 -m benchmarks.encoder_throughput --device cuda --whole-slide 447 --json "$OUT/encoder_scale.json" \
+      2>&1 | tee -a "$OUT/model_scale.log"
+  echo "encoder at scale: rc ${PIPESTATUS[0]} after ${SECONDS} s"
+  timeout 200 python3 -m benchmarks.llm_step --device cuda --json "$OUT/llm7b_step.json" 2>&1 | tee -a "$OUT/model_scale.log"
+  echo "7B LoRA step: rc ${PIPESTATUS[0]} after ${SECONDS} s"
+  exit 0
+fi
 
 if [ "$STAGE" != bench ]; then
   timeout 220 python3 -m topopack.model.cli demo --device cuda --backend triton --side 192 --out /tmp/demo-gpu \
