@@ -54,16 +54,41 @@ def crop(slide: Slide, max_patches: int, gen: torch.Generator, pack_size: int = 
     return Crop(features, coords, step, moved, summaries, slide.global_features)
 
 
-def sample_crops(slides, k: int, max_patches: int, gen, pack_size: int = 3):
-    pick = torch.randint(len(slides), (k,), generator=gen).tolist()
-    return [crop(slides[i], max_patches, gen, pack_size) for i in pick]
+def pick_slides(sizes, k: int, gen: torch.Generator, bucket: int) -> list[int]:
+    """k slide indices of similar patch counts: a uniform anchor, then k - 1 draws from its size bucket.
+
+    Slides sorted by size are cut into runs of ``bucket``; drawing the anchor uniformly picks a bucket in
+    proportion to its length, so every slide is drawn equally often. A pure function of (sizes, gen).
+    """
+    n = len(sizes)
+    order = torch.argsort(torch.as_tensor(sizes, dtype=torch.long), stable=True)
+    anchor = int(torch.randint(n, (1,), generator=gen))
+    lo = anchor // bucket * bucket
+    rest = lo + torch.randint(min(bucket, n - lo), (k - 1,), generator=gen)
+    return order[torch.cat([torch.tensor([anchor]), rest])].tolist()
+
+
+def sample_crops(slides, k: int, max_patches: int, gen, pack_size: int = 3, sizes=None, bucket: int = 32):
+    """Crops of k slides of similar size (pick_slides), loaded one at a time: ``slides`` may be a lazy sequence
+    (model/datasets.py SlideFiles) with its patch counts in ``sizes``."""
+    sizes = [s.num_patches for s in slides] if sizes is None else sizes
+    return [crop(slides[i], max_patches, gen, pack_size) for i in pick_slides(sizes, k, gen, bucket)]
 
 
 def eval_crops(slides, per_slide: int, k: int, max_patches: int, seed: int, pack_size: int = 3):
-    """Fixed crops of every slide, grouped k per batch; generator seeded independently of training."""
-    gen = torch.Generator().manual_seed(seed)
-    crops = [crop(s, max_patches, gen, pack_size) for s in slides
-             for _ in range(per_slide if s.num_patches > max_patches else 1)]
-    return [crops[i:i + k] for i in range(0, len(crops), k)], gen
+    """Fixed crops of every slide, k per batch, yielded as the slides are read (one slide in memory at a time).
 
-
+    Slide i's crops come from a generator seeded with (seed, i), independent of training: every pass yields
+    the same crops.
+    """
+    group = []
+    for i in range(len(slides)):
+        s = slides[i]
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        for _ in range(per_slide if s.num_patches > max_patches else 1):
+            group.append(crop(s, max_patches, gen, pack_size))
+            if len(group) == k:
+                yield group
+                group = []
+    if group:
+        yield group

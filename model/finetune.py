@@ -18,7 +18,7 @@ from topopack.model.model_dir import STAGES, build_model, place, save_model
 from topopack.model.prompt import IGNORE
 from topopack.model.qformer import QFormerConfig
 from topopack.model.records import SAMPLING, load_records, parse_family_weights, sample_weights, vocabulary_texts
-from topopack.model.summaries import SummaryCache, make_samples
+from topopack.model.summaries import SummaryCache, make_samples, user_cache_dir
 from topopack.model.trainer import (add_train_arguments, init_distributed, prepare_output, run_training,
                                     train_config_from_args, write_metrics)
 
@@ -122,7 +122,7 @@ def _run(fcfg: FinetuneConfig, cfg, qformer_cfg: QFormerConfig, tiny: TinyLlamaC
     texts = vocabulary_texts(records)
     encoder = load_encoder(fcfg.encoder)
     # a shared cache must hold this encoder's summaries
-    cache = cache or SummaryCache(encoder, fcfg.device, patch_size=fcfg.patch_size)
+    cache = cache or SummaryCache(encoder, fcfg.device, patch_size=fcfg.patch_size, cache_dir=user_cache_dir())
     cache.encode_all(r["slide"] for r in records)
     vlm, meta = build_model(fcfg.stage, encoder, texts, llm_path=fcfg.llm, init=fcfg.init, blind=fcfg.blind,
                             qformer_cfg=qformer_cfg, tiny=tiny, lora=lora, seed=cfg.seed, out=cfg.out,

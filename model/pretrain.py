@@ -3,9 +3,10 @@
     topopack pretrain --stage mae --data DIR --out OUT [--steps N] [--quick] [--resume | --overwrite]
     topopack pretrain --stage moco --data DIR --out OUT --init OUT_MAE/encoder.pt
 
-Each step draws a few slides (random crops of at most --max-patches patches, so any
-slide size fits; the grid origin moves by a random whole number of packs so absolute
-positions cannot be memorised), masks or augments them and trains through the shared trainer
+Each step draws --slides-per-step slides of similar size (random crops of at most --max-patches
+patches, so any slide size fits; the grid origin moves by a random whole number of packs so absolute
+positions cannot be memorised), read from disk only then (model/datasets.py; --workers processes build
+the next batches), masks or augments them and trains through the shared trainer
 (model/trainer.py: AdamW, warm-up + cosine, accumulation, clipping, bf16 on CUDA,
 atomic checkpoints, exact --resume, torchrun). The last --heldout fraction of the files by
 name (topopack.io.split_slides, the slides `topopack synth --vqa` keeps for vqa_test.json)
@@ -18,17 +19,19 @@ import argparse
 import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from topopack.backends import BACKENDS
-from topopack.io import Slide, load_slides, split_slides
+from topopack.io import find_slides
 from topopack.rules import RULES_BY_NAME
 
-from .crops import eval_crops, sample_crops
+from .crops import eval_crops
 from .config import FRACTION, NON_NEGATIVE, POSITIVE, Check, add_config_arguments, config_from_args, option, validate
+from .datasets import SlideFiles, StepBatches, StepLoader
 from .encoder import SlideEncoder, SlideEncoderConfig, load_encoder, save_encoder
 from .mae import MAE, PACK_MASKING, PATCH_MASKING, MAEConfig, mask_slides
 from .mae import evaluate as evaluate_mae
@@ -41,9 +44,9 @@ from .trainer import (TrainConfig, add_train_arguments, init_distributed, prepar
 ARCH = ("dim", "depth", "heads", "mlp_dim", "dropout")  # the encoder's: from the file with --init
 _E = SlideEncoderConfig
 FULL = dict(dim=_E.dim, depth=_E.depth, heads=_E.heads, mlp_dim=_E.mlp_dim, dropout=_E.dropout,
-            dec_dim=MAEConfig.dec_dim, steps=2000, max_patches=4096, slides_per_batch=4)
+            dec_dim=MAEConfig.dec_dim, steps=2000, max_patches=4096, slides_per_step=4)
 QUICK = dict(dim=64, depth=2, heads=4, mlp_dim=128, dropout=0.0, dec_dim=64, steps=600, max_patches=256,
-             slides_per_batch=4)
+             slides_per_step=4)
 EVAL_SEED = 1234
 CLOSED_UNIT = Check(lambda x: 0 <= x <= 1, "in [0, 1]")
 OPEN_UNIT = Check(lambda x: 0 < x < 1, "in (0, 1)")
@@ -79,7 +82,10 @@ class PretrainOptions:
                             "as `topopack synth --vqa` holds them out", check=FRACTION)
     max_patches: int | None = option(None, _sized("crop size (patches) per slide in a batch", "max_patches"),
                                      check=POSITIVE)
-    slides_per_batch: int | None = option(None, _sized("slide crops per batch", "slides_per_batch"), check=POSITIVE)
+    slides_per_step: int | None = option(None, _sized("slide crops per batch, of slides of similar size",
+                                                      "slides_per_step"), check=POSITIVE)
+    workers: int = option(0, "processes that read slides and build the next batches while the model trains "
+                          "(spawned DataLoader workers; 0: in this process)", check=NON_NEGATIVE)
     eval_crops: int = option(4, "crops per held-out slide for the metrics", check=POSITIVE)
     mask_ratio: float = option(MAEConfig.mask_ratio, "MAE: fraction of the patches (phase 1) or packs (phase 2) "
                                "hidden", check=OPEN_UNIT)
@@ -144,12 +150,9 @@ def run(args, stop_after: int | None = None) -> dict:
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    slides = load_slides(opts.data)
-    in_dims = {s.in_dim for s in slides}
-    if len(in_dims) != 1:
-        raise ValueError(f"{opts.data}: slides have different feature widths {sorted(in_dims)}")
-    in_dim = in_dims.pop()
-    train, held = split_slides(slides, opts.heldout)
+    files = SlideFiles(find_slides(opts.data))  # sizes from the headers; a slide is read when a batch needs it
+    in_dim = files.in_dim
+    train, held = files.split(opts.heldout)
     torch.manual_seed(cfg.seed)  # same initial weights for every run with this seed
     encoder = build_encoder(opts, in_dim)
     if rank == 0:
@@ -157,29 +160,25 @@ def run(args, stop_after: int | None = None) -> dict:
         arch = " ".join(f"{a}={getattr(encoder.cfg, a)}" for a in ARCH)
         print(f"pretrain {opts.stage}: encoder {arch} ({source}); {len(train)} training slides, {len(held)} held out",
               flush=True)
-    k, maxp, spb = encoder.cfg.pack_size, opts.max_patches, opts.slides_per_batch
+    k, maxp, spb = encoder.cfg.pack_size, opts.max_patches, opts.slides_per_step
     run_config = {**asdict(opts), "data": str(Path(opts.data).resolve()), "in_dim": in_dim,
                   "init": opts.init and str(Path(opts.init).resolve())}
 
     if opts.stage == "mae":
         model = MAE(encoder, MAEConfig(opts.mask_ratio, opts.dec_dim, opts.dec_depth, opts.dec_heads))
-
-        def make_batch(step, micro, gen):
-            phase = PACK_MASKING if step >= opts.phase2_at * cfg.steps else PATCH_MASKING
-            return mask_slides(sample_crops(train, spb, maxp, gen, k), k, opts.mask_ratio, phase, gen).to(device)
-
+        build = partial(mae_batch, pack_size=k, ratio=opts.mask_ratio, phase2_step=opts.phase2_at * cfg.steps)
         on_step_end = None
     else:
         mcfg = MoCoConfig(momentum=opts.momentum, queue=opts.queue, temperature=opts.temperature,
                           noise_std=opts.noise_std)
         model = MoCo(encoder, mcfg)
-
-        def make_batch(step, micro, gen):
-            return contrast_batch(sample_crops(train, spb, maxp, gen, k), k, mcfg, gen).to(device)
+        build = partial(moco_batch, pack_size=k, cfg=mcfg)
 
         def on_step_end(step, bare):
             bare.momentum_step()
 
+    make_batch = StepLoader(StepBatches(train, build, steps=cfg.steps, grad_accum=cfg.grad_accum, seed=cfg.seed,
+                                        rank=rank, per_step=spb, max_patches=maxp, pack_size=k), opts.workers, device)
     model.to(device)
     threads = torch.get_num_threads()
     if opts.threads or opts.quick:
@@ -193,13 +192,14 @@ def run(args, stop_after: int | None = None) -> dict:
         if rank == 0 and result["steps"] == cfg.steps:  # not when stopped early (as if killed)
             metrics = {"stage": opts.stage, "final_loss": result["final_loss"], "steps": result["steps"],
                        "train_wall_s": round(train_s, 2), "train_slides": len(train), "heldout_slides": len(held),
-                       "heldout_files": [os.path.basename(s.path) for s in held], "encoder": asdict(encoder.cfg),
+                       "heldout_files": [os.path.basename(p) for p in held.paths], "encoder": asdict(encoder.cfg),
                        "world_size": world, "config": {**run_config, **asdict(cfg)}}
             metrics.update(_evaluate(opts, model, held or train, k, device))
             metrics["heldout_is_train"] = not held
             save_encoder(os.path.join(cfg.out, "encoder.pt"), encoder)
             write_metrics(cfg.out, metrics)
     finally:
+        make_batch.close()
         torch.set_num_threads(threads)
     if world > 1:
         dist.barrier()
@@ -207,19 +207,32 @@ def run(args, stop_after: int | None = None) -> dict:
     return metrics
 
 
+def mae_batch(crops, step: int, gen, *, pack_size: int, ratio: float, phase2_step: float):
+    """An MAE batch: patches masked before ``phase2_step``, whole packs from then on."""
+    phase = PACK_MASKING if step >= phase2_step else PATCH_MASKING
+    return mask_slides(crops, pack_size, ratio, phase, gen)
+
+
+def moco_batch(crops, step: int, gen, *, pack_size: int, cfg: MoCoConfig):
+    return contrast_batch(crops, pack_size, cfg, gen)
+
+
 def _evaluate(opts: PretrainOptions, model, slides, k, device) -> dict:
-    batches, gen = eval_crops(slides, opts.eval_crops, opts.slides_per_batch, opts.max_patches, EVAL_SEED, k)
+    """Held-out metrics over fixed crops, read slide by slide (each MAE phase reads the slides again)."""
+    def batches():
+        return eval_crops(slides, opts.eval_crops, opts.slides_per_step, opts.max_patches, EVAL_SEED, k)
+
     if opts.stage == "mae":
         out = {}
         for phase, prefix in ((PATCH_MASKING, "heldout_"), (PACK_MASKING, "heldout_pack_")):
-            masked = [mask_slides(b, k, opts.mask_ratio, phase, gen).to(device) for b in batches]
-            r = evaluate_mae(model, masked)
+            gen = torch.Generator().manual_seed(EVAL_SEED + phase)
+            r = evaluate_mae(model, (mask_slides(b, k, opts.mask_ratio, phase, gen).to(device) for b in batches()))
             out[prefix + "masked_mse"] = r["masked_mse"]
             out[prefix + "mean_baseline_mse"] = r["mean_baseline_mse"]
             out[prefix + "mse_reduction"] = 1 - r["masked_mse"] / r["mean_baseline_mse"]
         return out
-    mcfg = model.cfg
-    r = evaluate_moco(model, [contrast_batch(b, k, mcfg, gen).to(device) for b in batches])
+    gen = torch.Generator().manual_seed(EVAL_SEED)
+    r = evaluate_moco(model, (contrast_batch(b, k, model.cfg, gen).to(device) for b in batches()))
     return {"heldout_pos_cos": r["pos_cos"], "heldout_neg_cos": r["neg_cos"], "heldout_cos_gap": r["pos_cos"] - r["neg_cos"]}
 
 

@@ -1,4 +1,12 @@
-"""The frozen slide encoder's output per slide, computed once: region -> memory tokens for the Q-Former.
+"""The frozen slide encoder's output per slide, computed once and kept on disk: region -> memory tokens for the
+Q-Former.
+
+Each slide's memory tokens, pack positions and patch coords are written once to a cache directory as .npy files,
+keyed by the slide file (path, size, mtime, --patch-size) under a fingerprint of the encoder (its weights, config
+and device type), and read back memory-mapped: a rerun with the same encoder reuses them, another encoder never
+sees them, and RAM holds only the slides in use. Commands keep the cache in ``user_cache_dir()``
+($TOPOPACK_CACHE, else $XDG_CACHE_HOME/topopack or ~/.cache/topopack; delete it to free the space);
+``SummaryCache`` without ``cache_dir`` uses a private temporary directory.
 
 An image may also be a pre-encoded region file (the authors' format, written here by ``write_region_file``)::
 
@@ -10,11 +18,20 @@ queries then see no layout).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from topopack import TopoLayout
 from topopack.io import load_slide
 from topopack.model.encoder import SlideEncoder
 from topopack.model.llm import freeze
@@ -25,13 +42,49 @@ from topopack.model.vlm import Sample
 REGION_KEYS = ("features", "pack_indices", "region_coords", "num_tokens")
 
 
-@dataclass
+FORMAT = 1  # of the cache entries: part of the encoder fingerprint
+RECENT = 8  # encoded slides (with their layouts) kept open
+
+
+def user_cache_dir() -> Path:
+    """The commands' summary cache: $TOPOPACK_CACHE, else $XDG_CACHE_HOME/topopack, else ~/.cache/topopack."""
+    if os.environ.get("TOPOPACK_CACHE"):
+        return Path(os.environ["TOPOPACK_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "topopack"
+
+
+def encoder_fingerprint(encoder: SlideEncoder, device) -> str:
+    """Hash of the encoder's weights and buffers, config, the device type and the cache format."""
+    h = hashlib.blake2b(digest_size=16)
+    cfg = asdict(encoder.cfg)
+    h.update(json.dumps([FORMAT, torch.device(device).type, cfg], sort_keys=True, default=str).encode())
+    for name, t in encoder.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
 class EncodedSlide:
-    summaries: torch.Tensor   # [P, D + C] frozen encoder summary tokens, then the pack's raw mean feature (cpu f32)
-    positions: torch.Tensor   # [P, 2] pack centres in [0, 1]
-    layout: object            # the slide's TopoLayout (cpu), for region -> packs
-    origin: tuple[int, int]
-    cell_size: int            # level-0 grid step (the patch size, less any TRIDENT overlap)
+    """One slide in the cache: ``summaries`` [P, D + C] (the frozen encoder's summary tokens, then each pack's
+    raw mean feature) and ``positions`` [P, 2] (pack centres in [0, 1]), memory-mapped; ``layout`` is rebuilt
+    from the cached coords when first asked for (region boxes need it)."""
+
+    def __init__(self, entry: Path):
+        meta = json.loads((entry / "meta.json").read_text())
+        self.summaries = torch.from_numpy(np.load(entry / "memory.npy", mmap_mode="c"))
+        self.positions = torch.from_numpy(np.load(entry / "positions.npy", mmap_mode="c"))
+        self.origin = tuple(meta["origin"])
+        self.cell_size = meta["cell_size"]  # level-0 grid step (the patch size, less any TRIDENT overlap)
+        self.pack_size = meta["pack_size"]
+        self._entry, self._layout = entry, None
+
+    @property
+    def layout(self) -> TopoLayout:
+        if self._layout is None:
+            coords = torch.from_numpy(np.load(self._entry / "coords.npy"))
+            self._layout = TopoLayout.from_coords(coords, self.cell_size, self.pack_size, origin=self.origin)
+        return self._layout
 
 
 @dataclass
@@ -64,39 +117,72 @@ def read_region_file(path) -> EncodedRegion | None:
 
 
 class SummaryCache:
-    """Encodes each slide once with the frozen encoder; ``region(path, box)`` -> (memory, positions).
+    """Encodes each slide once with the frozen encoder into ``cache_dir`` (see the module docstring);
+    ``region(path, box)`` -> (memory, positions).
 
     A pack's memory token is its encoded summary token concatenated with the mean of its input patch features
     (the input the encoder's summary token starts from), so the connector sees the slide's features directly too.
+    The encoder's fingerprint is taken here: do not change its weights while the cache is in use.
     """
 
-    def __init__(self, encoder: SlideEncoder, device="cpu", patch_size: int | None = None):
+    def __init__(self, encoder: SlideEncoder, device="cpu", patch_size: int | None = None, cache_dir=None):
         self.encoder = freeze(encoder).eval().to(device)
         self.device = torch.device(device)
         self.patch_size = patch_size  # level-0 patch size for files that lack or misstate it (load_slide)
-        self.slides: dict[str, EncodedSlide] = {}
+        self._tmp = tempfile.TemporaryDirectory(prefix="topopack-summaries-") if cache_dir is None else None
+        self.root = Path(self._tmp.name if cache_dir is None else cache_dir) / "summaries" / \
+            encoder_fingerprint(self.encoder, self.device)
+        self._recent: OrderedDict[str, EncodedSlide] = OrderedDict()
+
+    def _entry(self, key: str) -> Path | None:
+        """The cache entry of slide file ``key`` (it may not exist yet); None if the file cannot be stat'ed."""
+        try:
+            st = os.stat(key)
+        except OSError:
+            return None
+        name = f"{key}\0{st.st_size}\0{st.st_mtime_ns}\0{self.patch_size}"
+        return self.root / hashlib.blake2b(name.encode(), digest_size=16).hexdigest()
 
     @torch.no_grad()
+    def _encode(self, key: str, entry: Path) -> None:
+        s = load_slide(key, patch_size=self.patch_size)
+        k = self.encoder.cfg.pack_size
+        layout = s.layout(pack_size=k, origin=s.origin)
+        dev = self.device
+        summ = None if s.summary_features is None else s.summary_features[None].to(dev)
+        glob = None if s.global_features is None else s.global_features.reshape(1, 1, -1).to(dev)
+        out = self.encoder(s.features[None].to(dev), layout.to(dev), summ, glob)
+        feats = s.features.float()
+        raw = feats.new_zeros(layout.num_packs, feats.shape[1]).index_add_(0, layout.patch_pack.long(), feats)
+        raw /= layout.pack_patch_count.to(raw.dtype).clamp_min(1)[:, None]
+        memory = torch.cat([out.summaries[0].float().cpu(), raw], -1)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=entry.name + ".", suffix=".tmp", dir=self.root))
+        np.save(tmp / "memory.npy", memory.numpy())
+        np.save(tmp / "positions.npy", pack_positions(layout).numpy())
+        np.save(tmp / "coords.npy", s.coords.numpy())
+        (tmp / "meta.json").write_text(json.dumps({"slide": key, "origin": list(s.origin), "cell_size": s.cell_size,
+                                                   "pack_size": k}))
+        try:
+            os.rename(tmp, entry)  # atomic: a reader sees a whole entry or none
+        except OSError:  # another process wrote it first
+            shutil.rmtree(tmp)
+
     def get(self, path) -> EncodedSlide | EncodedRegion:
         key = str(Path(path).resolve())
-        if key not in self.slides:
+        if key in self._recent:
+            self._recent.move_to_end(key)
+            return self._recent[key]
+        entry = self._entry(key)
+        if entry is None or not entry.exists():
             region = read_region_file(key)
             if region is not None:
-                self.slides[key] = region
                 return region
-            s = load_slide(key, patch_size=self.patch_size)
-            k = self.encoder.cfg.pack_size
-            layout = s.layout(pack_size=k, origin=s.origin)
-            dev = self.device
-            summ = None if s.summary_features is None else s.summary_features[None].to(dev)
-            glob = None if s.global_features is None else s.global_features.reshape(1, 1, -1).to(dev)
-            out = self.encoder(s.features[None].to(dev), layout.to(dev), summ, glob)
-            feats = s.features.float()
-            raw = feats.new_zeros(layout.num_packs, feats.shape[1]).index_add_(0, layout.patch_pack.long(), feats)
-            raw /= layout.pack_patch_count.to(raw.dtype).clamp_min(1)[:, None]
-            memory = torch.cat([out.summaries[0].float().cpu(), raw], -1)
-            self.slides[key] = EncodedSlide(memory, pack_positions(layout), layout, s.origin, s.cell_size)
-        return self.slides[key]
+            self._encode(key, entry)
+        self._recent[key] = EncodedSlide(entry)
+        if len(self._recent) > RECENT:
+            self._recent.popitem(last=False)
+        return self._recent[key]
 
     def memory_dim(self, paths) -> int:
         """Width of the memory tokens (encoder width + input feature width); all images must agree."""
@@ -115,14 +201,23 @@ class SummaryCache:
         for p in progress(sorted(set(map(str, paths))), desc="encode slides"):
             self.get(p)
 
+    def packs(self, path, box=None) -> torch.Tensor | None:
+        """The indices of the packs of ``box`` (RegionError if it holds none); None for a whole slide or a
+        pre-encoded region file (all its tokens)."""
+        return self._packs(self.get(path), path, box)
+
     def region(self, path, box=None) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.get(path)
+        idx = self._packs(e, path, box)
+        return (e.summaries, e.positions) if idx is None else (e.summaries[idx], e.positions[idx])
+
+    @staticmethod
+    def _packs(e, path, box) -> torch.Tensor | None:
         if isinstance(e, EncodedRegion):
             if box is not None:
                 raise RegionError(f"{path}: a pre-encoded region file holds one region; it takes no region box")
-            return e.summaries, e.positions
-        idx = packs_in_region(e.layout, e.origin, e.cell_size, box)
-        return e.summaries[idx], e.positions[idx]
+            return None
+        return None if box is None else packs_in_region(e.layout, e.origin, e.cell_size, box)
 
 
 def write_region_file(path, cache: SummaryCache, slide, box) -> Path:
@@ -140,16 +235,30 @@ def write_region_file(path, cache: SummaryCache, slide, box) -> Path:
     return path
 
 
-def make_samples(records: list[dict], tokenizer, cache: SummaryCache, style: str,
-                 with_answer: bool = True) -> list[Sample]:
-    """Tokenized conversations (every answer supervised; without ``with_answer`` the last answer is left to
-    generate) with the memory tokens of each record's image and region."""
-    cache.encode_all(r["slide"] for r in records)
-    out = []
-    for r in records:
-        turns = list(r["turns"]) if with_answer else [*r["turns"][:-1], (r["turns"][-1][0], None)]
-        before, after, labels = encode_conversation(tokenizer, turns, style)
-        mem, pos = cache.region(r["slide"], r.get("region"))
-        out.append(Sample(before, after, labels, mem, pos))
-    return out
+class Samples(Sequence):
+    """Tokenized records whose memory tokens are read from the cache when a sample is taken: RAM holds the ids,
+    not the tokens. Regions are checked when the Samples are made."""
 
+    def __init__(self, records: list[dict], tokenizer, cache: SummaryCache, style: str, with_answer: bool = True):
+        cache.encode_all(r["slide"] for r in records)
+        self.cache, self.items = cache, []
+        for r in records:
+            turns = list(r["turns"]) if with_answer else [*r["turns"][:-1], (r["turns"][-1][0], None)]
+            cache.packs(r["slide"], r.get("region"))
+            self.items.append((*encode_conversation(tokenizer, turns, style), r["slide"], r.get("region")))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        before, after, labels, slide, region = self.items[i]
+        return Sample(before, after, labels, *self.cache.region(slide, region))
+
+
+def make_samples(records: list[dict], tokenizer, cache: SummaryCache, style: str,
+                 with_answer: bool = True) -> Samples:
+    """Tokenized conversations (every answer supervised; without ``with_answer`` the last answer is left to
+    generate) with the memory tokens of each record's image and region, read when a sample is taken."""
+    return Samples(records, tokenizer, cache, style, with_answer)
