@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from topopack.model.config import POSITIVE, Check, add_config_arguments, config_from_args, option, validate
+from topopack.model.distributed import decoder_layers
 from topopack.model.encoder import load_encoder
 from topopack.model.llm import DTYPES, QUANT, LoraSettings, TinyLlamaConfig
 from topopack.model.model_dir import STAGES, build_model, place, save_model
@@ -148,7 +149,8 @@ def _run(fcfg: FinetuneConfig, cfg, qformer_cfg: QFormerConfig, tiny: TinyLlamaC
 
     result = run_training(cfg, vlm, lambda model, batch, step: model(batch), make_batch,
                           run_config=run_config(fcfg, qformer_cfg, tiny, lora),
-                          desc=desc or f"finetune {fcfg.stage}{' blind' if fcfg.blind else ''}", stop_after=stop_after)
+                          desc=desc or f"finetune {fcfg.stage}{' blind' if fcfg.blind else ''}", stop_after=stop_after,
+                          shard_units=decoder_layers)
     if rank != 0:
         return result
     save_model(cfg.out, vlm, meta, fcfg.encoder)

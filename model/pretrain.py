@@ -32,6 +32,7 @@ from topopack.rules import RULES_BY_NAME
 from .crops import eval_crops
 from .config import FRACTION, NON_NEGATIVE, POSITIVE, Check, add_config_arguments, config_from_args, option, validate
 from .datasets import SlideFiles, StepBatches, StepLoader
+from .distributed import encoder_blocks
 from .encoder import SlideEncoder, SlideEncoderConfig, load_encoder, save_encoder
 from .mae import MAE, PACK_MASKING, PATCH_MASKING, MAEConfig, mask_slides
 from .mae import evaluate as evaluate_mae
@@ -186,7 +187,8 @@ def run(args, stop_after: int | None = None) -> dict:
     try:
         t0 = time.perf_counter()
         result = run_training(cfg, model, lambda m, batch, step: m(batch), make_batch, run_config=run_config,
-                              on_step_end=on_step_end, desc=f"pretrain {opts.stage}", stop_after=stop_after)
+                              on_step_end=on_step_end, desc=f"pretrain {opts.stage}", stop_after=stop_after,
+                              shard_units=encoder_blocks)
         train_s = time.perf_counter() - t0
         metrics = {}
         if rank == 0 and result["steps"] == cfg.steps:  # not when stopped early (as if killed)

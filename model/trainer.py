@@ -1,10 +1,18 @@
 """The training loop shared by pretraining and fine-tuning.
 
 The data position is the step: ``make_batch(step, micro, gen)`` gets a generator
-seeded from (seed, step, micro, rank), so the data order is a pure function of the
-step. Model-internal randomness (dropout) uses the global RNGs, which are
-checkpointed. Together with the model, optimiser and scheduler state this makes
-``--resume`` continue exactly where a run stopped.
+seeded from (seed, step, global micro-batch), the global micro-batch of rank r being
+r * grad_accum + micro, so a step's data is the same however its micro-batches are
+split over processes (2 processes x grad_accum 1 = 1 process x grad_accum 2). Losses in
+the history are means over all ranks. Model-internal randomness (dropout) uses the
+global RNGs, checkpointed for every rank. Together with the model, optimiser and
+scheduler state this makes ``--resume`` continue exactly where a run stopped.
+
+--dist ddp (default): DistributedDataParallel under torchrun, checkpoints in
+OUT/checkpoint.pt. --dist fsdp: FSDP2 under torchrun (``shard_units`` of run_training
+say which modules are groups of their own) and DCP checkpoints in OUT/checkpoint.dcp
+(model/distributed.py), at any world size: a 1-process --dist fsdp run trains
+unsharded and resumes a 2-process checkpoint.
 
 OUT rules: a new run refuses an OUT that holds a run (RUN_FILES) unless --overwrite;
 --resume refuses settings that differ from the checkpoint's ``run_config`` unless
@@ -17,8 +25,10 @@ import json
 import math
 import os
 import random
+import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,12 +39,15 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import FRACTION, NON_NEGATIVE, POSITIVE, Check, add_config_arguments, config_from_args, option, validate
+from .distributed import TRAIN_STATE, Sharding, check_dcp, dcp_path, gather_objects, load_dcp, save_dcp, unshard
 from .progress import progress
 
 CHECKPOINT = "checkpoint.pt"
+DCP_CHECKPOINT = "checkpoint.dcp"  # a directory (--dist fsdp)
 METRICS = "metrics.json"
 # an OUT holding any of these holds a run: a new run there needs --resume or --overwrite
-RUN_FILES = (CHECKPOINT, METRICS, "encoder.pt", "model.json")
+RUN_FILES = (CHECKPOINT, DCP_CHECKPOINT, DCP_CHECKPOINT + ".prev", METRICS, "encoder.pt", "model.json")
+DIST = {"ddp": CHECKPOINT, "fsdp": DCP_CHECKPOINT}  # strategy -> its checkpoint
 # run_config fields that may differ on --resume
 FREE_ON_RESUME = frozenset({"out", "resume", "overwrite", "allow_changed", "device", "threads", "progress"})
 START_OVER = "delete it or pass --overwrite to start over"
@@ -58,6 +71,10 @@ class TrainConfig:
     allow_changed: list[str] = option([], "with --resume: accept these changed settings, e.g. lr,steps")
     bf16: bool = option(True, "bf16 autocast on CUDA")
     progress: bool | None = option(None, "progress bar (default: on a terminal; else a status line every 10%%)")
+    dist: str = option("ddp", "under torchrun: ddp (replicated weights, OUT/checkpoint.pt) or fsdp (FSDP2: sharded "
+                       "weights, gradients and optimiser state; DCP checkpoints in OUT/checkpoint.dcp, which also "
+                       "resume on another number of processes); one process trains unsharded either way",
+                       choices=tuple(DIST))
 
     def __post_init__(self):
         unset = [f for f, v in asdict(self).items() if v is None and f != "progress"]
@@ -131,32 +148,50 @@ def write_metrics(out, metrics: dict) -> Path:
     return path
 
 
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _checkpoint_of(out: Path, dist_: str) -> Path | None:
+    """The checkpoint in OUT that a --dist ``dist_`` run resumes from, or None."""
+    path = out / DIST[dist_]
+    return dcp_path(path) if dist_ == "fsdp" else path if path.exists() else None
+
+
 def prepare_output(cfg: TrainConfig, rank: int = 0) -> Path:
     """Checks OUT before any expensive work: a new run refuses an OUT holding a run unless --overwrite
-    (then rank 0 deletes the RUN_FILES); --resume needs OUT/checkpoint.pt. Rank 0 creates OUT and removes
-    temporary files our atomic writes left there when killed."""
+    (then rank 0 deletes the RUN_FILES); --resume needs the checkpoint of its --dist. Rank 0 creates OUT and
+    removes temporary files our atomic writes left there when killed."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file; give a directory")
     found = [name for name in RUN_FILES if (out / name).exists()]
-    if cfg.resume and CHECKPOINT not in found:
-        raise FileNotFoundError(f"--resume: no checkpoint at {out / CHECKPOINT}; run without --resume to start")
+    if cfg.resume and _checkpoint_of(out, cfg.dist) is None:
+        other = next((d for d in DIST if d != cfg.dist and _checkpoint_of(out, d)), None)
+        hint = f"; OUT holds {DIST[other]} of a --dist {other} run: resume with --dist {other}" if other else ""
+        raise FileNotFoundError(f"--resume: no checkpoint at {out / DIST[cfg.dist]}{hint or '; run without --resume to start'}")
     if found and not (cfg.resume or cfg.overwrite):
         raise FileExistsError(f"--out {out} already holds a run ({', '.join(found)}): pass --resume to continue it "
                               f"or --overwrite to replace it")
     if rank == 0:
         if cfg.overwrite:
             for name in found:
-                (out / name).unlink()
+                _remove(out / name)
         for name in RUN_FILES:
             for tmp in out.glob(f"{name}*.tmp"):
-                tmp.unlink()
+                _remove(tmp)
         out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 def load_checkpoint(path) -> dict:
     """The state run_training saved in ``path`` (on the CPU), its checksums verified, loaded with weights_only."""
+    return load_verified(path, {"model", "optimizer", "scheduler", "step", "history", "rng", "run_config"})
+
+
+def load_verified(path, keys: set[str]) -> dict:
+    """The dict torch.save wrote to ``path`` (on the CPU) after the zip CRC-32 check, loaded with weights_only;
+    ValueError naming the problem unless it holds ``keys``."""
     path = Path(path)
     try:
         with zipfile.ZipFile(path) as z:
@@ -169,9 +204,10 @@ def load_checkpoint(path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and plain containers
         raise ValueError(f"{path}: cannot be loaded safely ({str(e).splitlines()[0]}); {START_OVER}") from None
-    keys = {"model", "optimizer", "scheduler", "step", "history", "rng", "run_config"}
     if not isinstance(state, dict) or not keys <= set(state):
         raise ValueError(f"{path}: not a topopack training checkpoint (needs keys {sorted(keys)}); {START_OVER}")
+    if "rng" in keys and not isinstance(state["rng"], list):
+        raise ValueError(f"{path}: written by an older topopack (one RNG state for all ranks); {START_OVER}")
     return state
 
 
@@ -242,8 +278,9 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def batch_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 101 + rank)
+def batch_generator(seed: int, step: int, micro: int, rank: int = 0, grad_accum: int = 1) -> torch.Generator:
+    """The generator of micro-batch ``micro`` of ``rank``: global micro-batch rank * grad_accum + micro."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_003 + rank * grad_accum + micro)
 
 
 # ---- optimiser and schedule -----------------------------------------------------------------
@@ -270,54 +307,115 @@ def _apply_settings(opt, sched, cfg: TrainConfig) -> None:
         group["lr"] = cfg.lr * f(sched.last_epoch)
 
 
+def _read_state(path: Path, fsdp: bool, rank: int) -> dict:
+    """The checkpoint's state; for fsdp its TRAIN_STATE, rank 0 checking every file and telling all ranks."""
+    if not fsdp:
+        return load_checkpoint(path)
+    keys = {"scheduler", "step", "history", "rng", "run_config", "param_groups", "files"}
+    error = None
+    if rank == 0:
+        try:
+            check_dcp(path, load_verified(path / TRAIN_STATE, keys)["files"], START_OVER)
+        except ValueError as e:
+            error = str(e)
+    error = gather_objects(error)[0]
+    if error:
+        raise ValueError(error)
+    return load_verified(path / TRAIN_STATE, keys)
+
+
+def _global_mean(totals: dict[str, float], device) -> dict[str, float]:
+    """``totals`` averaged over the ranks."""
+    if not dist.is_initialized():
+        return totals
+    t = torch.tensor(list(totals.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(totals, (t / dist.get_world_size()).tolist()))
+
+
+def _clip(params, max_norm: float) -> float:
+    """Clips the gradients to ``max_norm`` in total (over all shards); returns the norm before. Sharded
+    (DTensor) and plain parameters are measured apart: the first norm is reduced over the ranks."""
+    groups = [g for g in ([p for p in params if hasattr(p, "full_tensor")],
+                          [p for p in params if not hasattr(p, "full_tensor")]) if g]
+    norms = []
+    for group in groups:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group if p.grad is not None])
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+    for group in groups:
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
+    return float(norm)
+
+
 def run_training(cfg: TrainConfig, model: nn.Module, loss_fn, make_batch, *, run_config: dict, on_step_end=None,
-                 desc: str = "train", stop_after: int | None = None) -> dict:
+                 desc: str = "train", stop_after: int | None = None,
+                 shard_units: Callable[[nn.Module], list[nn.Module]] | None = None) -> dict:
     """Trains ``model`` for cfg.steps optimizer steps; see the module docstring.
 
     loss_fn(model, batch, step) -> (loss, {name: float}); make_batch(step, micro, gen) -> batch;
     on_step_end(step, bare_model) after each optimizer step. ``run_config``: JSON-able dict of everything
     else that defines the run (architecture, data path, stage options); stored in the checkpoint with the
     TrainConfig and compared on --resume. ``stop_after`` ends the run after that step as if it had been
-    killed (for resume tests).
+    killed (for resume tests). ``shard_units(model)``: with --dist fsdp under torchrun, the modules that are
+    FSDP groups of their own (the root holds the rest; None: the root alone). The model is unsharded again
+    at the end: full weights on every rank.
     """
     rank, world = init_distributed()
     out = prepare_output(cfg, rank)
     run_config = full_run_config(cfg, run_config)
-    ckpt_path = out / CHECKPOINT
+    fsdp = cfg.dist == "fsdp"
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("run_training: the model has no trainable parameters")
+    sharding = Sharding(model, shard_units(model) if shard_units else [], device) if fsdp and world > 1 else None
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, cfg)
     sched = build_scheduler(opt, cfg)
+    ckpt_path = out / DIST[cfg.dist]
     start, history = 0, []
     if cfg.resume:
-        state = load_checkpoint(ckpt_path)
-        changes = check_resume(state["run_config"], run_config, state["step"], ckpt_path)
+        path = _checkpoint_of(out, cfg.dist)
+        state = _read_state(path, fsdp, rank)
+        changes = check_resume(state["run_config"], run_config, state["step"], path)
         for k, (old, new) in changes.items():
             if rank == 0:
                 print(f"{desc}: --allow-changed {k}: {old!r} -> {new!r}")
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise ValueError(f"{ckpt_path}: its weights do not fit this model ({str(e).splitlines()[0]}); "
-                             f"resume with the checkpoint's architecture") from None
-        opt.load_state_dict(state["optimizer"])
+        if fsdp:
+            load_dcp(path, model, opt, state["param_groups"])
+        else:
+            try:
+                model.load_state_dict(state["model"])
+            except RuntimeError as e:
+                raise ValueError(f"{path}: its weights do not fit this model ({str(e).splitlines()[0]}); "
+                                 f"resume with the checkpoint's architecture") from None
+            opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         _apply_settings(opt, sched, cfg)
         start, history = state["step"], state["history"]
-        _set_rng_state(state["rng"])
+        if rank < len(state["rng"]):
+            _set_rng_state(state["rng"][rank])
+        else:  # more processes than the run had
+            seed_everything(cfg.seed + rank)
     else:
         seed_everything(cfg.seed + rank)
     bare = model
-    if world > 1:
+    if world > 1 and not fsdp:
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda" else nullcontext())
 
     def save(step: int) -> None:
-        if rank == 0:
-            atomic_save({"model": bare.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                         "step": step, "history": history, "rng": _rng_state(), "run_config": run_config}, ckpt_path)
+        state = {"scheduler": sched.state_dict(), "step": step, "history": history,
+                 "rng": gather_objects(_rng_state()), "run_config": run_config}
+        if fsdp:
+            save_dcp(ckpt_path, step, model, opt, state, rank)
+        elif rank == 0:
+            atomic_save({"model": bare.state_dict(), "optimizer": opt.state_dict(), **state}, ckpt_path)
+
+    def grad_sync(sync: bool):
+        if world == 1 or sync:
+            return nullcontext()
+        return model.no_sync() if not fsdp else nullcontext()
 
     bar = progress(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, bar=cfg.progress,
                    disable=rank != 0)
@@ -326,17 +424,22 @@ def run_training(cfg: TrainConfig, model: nn.Module, loss_fn, make_batch, *, run
         opt.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
-            batch = make_batch(step, micro, batch_generator(cfg.seed, step, micro, rank))
-            sync = micro == cfg.grad_accum - 1 or world == 1
-            with autocast, (nullcontext() if sync else model.no_sync()):
+            batch = make_batch(step, micro, batch_generator(cfg.seed, step, micro, rank, cfg.grad_accum))
+            sync = micro == cfg.grad_accum - 1
+            if sharding is not None:
+                model.set_requires_gradient_sync(sync)
+            with autocast, grad_sync(sync):
                 loss, metrics = loss_fn(model, batch, step)
                 (loss / cfg.grad_accum).backward()
             for k, v in {"loss": float(loss.detach()), **metrics}.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
+        if sharding is not None:
+            sharding.average_replicated_grads()
+        totals = _global_mean(totals, device)
         if not math.isfinite(totals["loss"]):
             raise FloatingPointError(f"{desc}: loss is {totals['loss']} at step {step}; last checkpoint kept at {ckpt_path}")
         if cfg.clip > 0:
-            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+            totals["grad_norm"] = _clip(params, cfg.clip)
         lr = opt.param_groups[0]["lr"]  # the rate this step uses
         opt.step()
         sched.step()
@@ -350,4 +453,6 @@ def run_training(cfg: TrainConfig, model: nn.Module, loss_fn, make_batch, *, run
         if stop_after is not None and done >= stop_after:
             break
     bar.close()
+    if sharding is not None:
+        unshard(bare, sharding)
     return {"final_loss": history[-1]["loss"], "history": history, "steps": history[-1]["step"]}
