@@ -24,13 +24,14 @@ DEFAULT_MODEL = "demo-out/vqa"
 class Assistant:
     """A loaded model: ``assistant(slide, question, region=None, sample=False, temperature=1.0) -> str``."""
 
-    def __init__(self, model_dir=DEFAULT_MODEL, device="cpu", patch_size: int | None = None):
+    def __init__(self, model_dir=DEFAULT_MODEL, device="cpu", patch_size: int | None = None, cache_dir=None):
+        """``cache_dir``: the on-disk summary cache (default: the user's, model/summaries.user_cache_dir)."""
         from topopack.model.model_dir import load_model
-        from topopack.model.summaries import SummaryCache
+        from topopack.model.summaries import SummaryCache, user_cache_dir
 
         self.vlm, encoder, self.meta = load_model(model_dir, device=device)
         self.vlm.eval()
-        self.cache = SummaryCache(encoder, device, patch_size)
+        self.cache = SummaryCache(encoder, device, patch_size, cache_dir=cache_dir or user_cache_dir())
 
     def __call__(self, slide, question: str, region=None, *, sample: bool = False, temperature: float = 1.0,
                  max_new_tokens: int = MAX_NEW_TOKENS, seed: int | None = None) -> str:
@@ -90,7 +91,7 @@ def ask_batch(questions, out, *, slides=None, model=DEFAULT_MODEL, device="cpu",
     from topopack.model.model_dir import load_model
     from topopack.model.predictions import write_predictions
     from topopack.model.records import RecordError, read_records
-    from topopack.model.summaries import SummaryCache, make_samples
+    from topopack.model.summaries import SummaryCache, make_samples, user_cache_dir
 
     one = slides is not None and Path(slides).is_file()
     if slides is not None and not one and not Path(slides).is_dir():
@@ -102,7 +103,7 @@ def ask_batch(questions, out, *, slides=None, model=DEFAULT_MODEL, device="cpu",
     if not records:
         raise RecordError(f"{questions}: no questions")
     vlm, encoder, meta = load_model(model, device=device)
-    samples = make_samples(records, vlm.tokenizer, SummaryCache(encoder, device, patch_size), meta["prompt"],
+    samples = make_samples(records, vlm.tokenizer, SummaryCache(encoder, device, patch_size, user_cache_dir()), meta["prompt"],
                            with_answer=False)
     preds = predict(vlm, samples, batch_size, max_new_tokens=max_new_tokens)
     return write_predictions(out, records, preds)

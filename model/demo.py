@@ -183,10 +183,11 @@ def train_blind(data, encoder, out, init, steps, kw) -> dict:
     backend, threads = kw.pop("backend"), kw.pop("threads")
     if kw["cache"] is None:
         torch.set_num_threads(threads)
-        kw["cache"] = SummaryCache(load_encoder(encoder, backend=backend), kw["device"])
+        kw["cache"] = SummaryCache(load_encoder(encoder, backend=backend), kw["device"], cache_dir=out.parent / CACHE)
     return finetune("vqa", data, encoder, out, init=init, blind=True, steps=steps, desc="blind control", **kw)
 
 
+CACHE = "summary-cache"  # OUT/summary-cache
 EVIDENCE_QUESTION = "Where is the largest tumor nodule?\nAnswer briefly."
 
 
@@ -198,7 +199,7 @@ def demo_evidence(out: Path, args) -> dict:
     from .ask import Assistant
     from .evidence import nodule_evidence_ratio, write_evidence
 
-    assistant = Assistant(out / "vqa", args.device)
+    assistant = Assistant(out / "vqa", args.device, cache_dir=out / CACHE)
     slides = sorted((out / "slides" / "test").glob("*.h5"))
     first = next(p for p in slides if (load_slide(p).facts or {}).get("nodules"))
     answer = assistant(first, EVIDENCE_QUESTION)
@@ -245,7 +246,8 @@ def run_pipeline(args) -> dict:
     encoder = out / "mae" / "encoder.pt"
     throughput = step("encoder throughput", lambda: measure_throughput(encoder, args)) if cuda else None
     # the frozen encoder runs once per slide for all steps below
-    cache = SummaryCache(load_encoder(encoder, backend=args.backend), args.device)
+    # one on-disk summary cache for every stage (and the blind control's process: it reads, not re-encodes)
+    cache = SummaryCache(load_encoder(encoder, backend=args.backend), args.device, cache_dir=out / CACHE)
     # brief defaults otherwise (32 queries, r 128)
     small = dict(qformer_cfg=QFormerConfig(dim=args.qformer_dim, anchors=args.anchors))
     # the demo owns OUT: a rerun replaces its runs

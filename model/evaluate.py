@@ -70,11 +70,11 @@ def evaluate(model_dir, data, out=None, *, device="cpu", batch_size: int = 32, l
     """Score ``model_dir`` on the questions in ``data``; writes metrics.json, eval.md, predictions.jsonl to out."""
     from topopack.model.model_dir import load_model
     from topopack.model.records import load_records
-    from topopack.model.summaries import SummaryCache, make_samples
+    from topopack.model.summaries import SummaryCache, make_samples, user_cache_dir
 
     vlm, encoder, meta = load_model(model_dir, device=device)
     records = load_records(data, "eval", image_root=image_root)[:limit]
-    samples = make_samples(records, vlm.tokenizer, cache or SummaryCache(encoder, device, patch_size),
+    samples = make_samples(records, vlm.tokenizer, cache or SummaryCache(encoder, device, patch_size, user_cache_dir()),
                            meta["prompt"], with_answer=False)
     preds = predict(vlm, samples, batch_size, max_new_tokens=max_new_tokens)
     return write_report(out or model_dir, records, preds, {"model": str(model_dir), "blind": bool(meta.get("blind"))},

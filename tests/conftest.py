@@ -16,3 +16,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_summary_cache(tmp_path_factory):
+    """finetune's on-disk summary cache goes to a fresh directory, never the user's ~/.cache/topopack."""
+    old = os.environ.get("TOPOPACK_CACHE")
+    os.environ["TOPOPACK_CACHE"] = str(tmp_path_factory.mktemp("topopack-cache"))
+    yield
+    if old is None:
+        os.environ.pop("TOPOPACK_CACHE", None)
+    else:
+        os.environ["TOPOPACK_CACHE"] = old

@@ -23,7 +23,7 @@ from topopack.model.trainer import CHECKPOINT, batch_generator, load_checkpoint
 from topopack.model.vqa_data import load_vqa, make_vqa_files
 
 C = 8
-TINY = dict(dim=16, depth=1, heads=2, mlp_dim=32, dec_dim=16, dec_heads=2, max_patches=40, slides_per_batch=2,
+TINY = dict(dim=16, depth=1, heads=2, mlp_dim=32, dec_dim=16, dec_heads=2, max_patches=40, slides_per_step=2,
             eval_crops=1, queue=256, lr=3e-3, threads=1)
 
 
@@ -234,7 +234,7 @@ def test_bad_flags_fail_at_parse_time(flag, capsys):
     assert flag[0] in capsys.readouterr().err
 
 
-QUICK_RUN = dict(quick=True, steps=1, max_patches=40, slides_per_batch=2, eval_crops=1, threads=1)
+QUICK_RUN = dict(quick=True, steps=1, max_patches=40, slides_per_step=2, eval_crops=1, threads=1)
 
 
 def test_quick_architecture_is_in_help_and_log(tmp_path, data, capsys):
