@@ -1,4 +1,4 @@
-"""Backward Triton kernels of topo-pack attention and their launcher.
+"""Backward Triton kernels of topo-pack attention and their launcher: three launches.
 
 Deterministic by construction: every gradient element is written by exactly one
 program, and the one key that every row sees (the slide's global token) is
@@ -8,28 +8,29 @@ With p = exp2(s - lse) (base-2 scores and the forward's base-2 LSE),
 delta = rowsum(dO * O) and ds = p * (dO.v - delta):
 dq = scale * sum ds k, dk = scale * sum ds q, dv = sum p dO.
 
-- ``_bwd_delta``: delta per token.
-- ``_patch_bwd``: per block of packs (as in the forward): dq of the patch rows,
-  and dk, dv of the patch keys, which are seen by the pack's patch rows
-  (block-diagonal tl.dot), the pack's summary row, and the global row when it sees
-  the whole slide (both gathered per key row).
-- ``_summary_bwd_dq``: dq of BLOCK_M summary rows, looping over the slide's
-  summary keys (tl.dot), the row's own patches and its global key.
-- ``_summary_bwd_dkv``: dk, dv of BLOCK_N summary keys, looping over the slide's
-  summary rows (tl.dot), plus the pack's patch rows and the global row when the
-  rules let them see a summary.
-- ``_global_bwd_split`` + ``_global_bwd_merge``: the global token's key column
-  (every row of the slide sees it) and its row; per-split partials, fixed-order sum.
+- ``_bwd_delta`` (launch 1): delta per token.
+- ``_bwd`` (launch 2), its programs split between four parts by program id:
+  - summary dk/dv: dk, dv of SUMMARY_DKV_BLOCK_N summary keys, looping over the
+    slide's summary rows (tl.dot), plus the pack's patch rows and the global row
+    when the rules let them see a summary;
+  - summary dq: dq of SUMMARY_DQ_BLOCK_M summary rows, looping over the slide's
+    summary keys (tl.dot), the row's own patches and its global key;
+  - global splits: the global token's key column (every row of the slide sees it)
+    and its row, split NSPLIT ways into partials; under PAPER the row sees only
+    itself (its dq is one term);
+  - patch: per block of packs (as in the forward): dq of the patch rows, and dk, dv
+    of the patch keys, which are seen by the pack's patch rows (block-diagonal
+    tl.dot), the pack's summary row, and the global row when it sees the whole slide.
+- ``_bwd_merge`` (launch 3): fixed-order sum of the partials -> the global token's dq, dk, dv.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from . import triton_meta as meta
-from .triton_fwd import _global_range, _patch_rows, _slice, _strides, _summary_tile
+from . import triton_configs as configs, triton_meta as meta
+from .triton_fwd import _global_range, _patch_rows, _slice, _summary_tile
 
 
 @triton.jit(do_not_specialize=["L"])
@@ -60,36 +61,15 @@ def _load_rows(X, tok, sl, sd, ok, HEAD: tl.constexpr, BLOCK: tl.constexpr):
                    other=0.0).to(tl.float32)
 
 
-@triton.autotune(
-    configs=meta.configs(({"BLOCK_M": 32}, 4, 2), ({"BLOCK_M": 16}, 2, 2), ({"BLOCK_M": 64}, 4, 2)),
-    key=["K2", "HEAD_D", "HEAD_DV", "SIZE_BUCKET"],
-)
-@triton.jit(do_not_specialize=["P", "L", "SIZE_BUCKET"])
+@triton.jit
 def _patch_bwd(
-    Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
+    pid, Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
     pack_start, pack_count, pack_summary, pack_slide, slide_token_start,
-    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
-    H, L, P, qk_scale, sm_scale, SIZE_BUCKET,
+    sql, sqd, skl, skd, svl, svd, sdl, sdd, P, qk_scale, sm_scale,
     K2: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-    PATCH_SEES_SUMMARY: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr,
-    PREC: tl.constexpr,
+    PATCH_SEES_SUMMARY: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr, PREC: tl.constexpr,
 ):
-    # inductor passes Python floats as fp64; keep the softmax state in fp32
-    qk_scale = tl.cast(qk_scale, tl.float32)
-    sm_scale = tl.cast(sm_scale, tl.float32)
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    Q = _slice(Q, pid_bh, H, sqb, sqh)
-    K = _slice(K, pid_bh, H, skb, skh)
-    V = _slice(V, pid_bh, H, svb, svh)
-    DO = _slice(DO, pid_bh, H, sdb, sdh)
-    LSE += pid_bh.to(tl.int64) * L
-    DELTA += pid_bh.to(tl.int64) * L
-    DQ += pid_bh.to(tl.int64) * L * HEAD_D  # grads are contiguous [B, H, L, D]
-    DK += pid_bh.to(tl.int64) * L * HEAD_D
-    DV += pid_bh.to(tl.int64) * L * HEAD_DV
-
     pk, row_ok, tok, gtok = _patch_rows(pid, pack_start, pack_count, pack_slide, slide_token_start, P, K2, BLOCK_M)
 
     d = tl.arange(0, BLOCK_D)
@@ -104,7 +84,7 @@ def _patch_bwd(
     lse = tl.load(LSE + tok, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + tok, mask=row_ok, other=0.0)
 
-    # dq from the global key (its dk, dv are reduced by _global_bwd_*)
+    # dq from the global key (its dk, dv are reduced by the global splits)
     kg = _load_rows(K, gtok, skl, skd, row_ok, HEAD_D, BLOCK_D)
     _, ds = _row_key_ds(qf, dof, lse, delta, kg, _load_rows(V, gtok, svl, svd, row_ok, HEAD_DV, BLOCK_DV),
                         row_ok, qk_scale)
@@ -112,7 +92,7 @@ def _patch_bwd(
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dvv = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
-    if PATCH_SEES_SUMMARY:  # dq from the pack's summary key (its dk, dv: _summary_bwd_dkv)
+    if PATCH_SEES_SUMMARY:  # dq from the pack's summary key (its dk, dv: the summary dk/dv part)
         stok = tl.load(pack_summary + pk, mask=row_ok, other=0)
         ks = _load_rows(K, stok, skl, skd, row_ok, HEAD_D, BLOCK_D)
         _, ds = _row_key_ds(qf, dof, lse, delta, ks, _load_rows(V, stok, svl, svd, row_ok, HEAD_DV, BLOCK_DV),
@@ -165,34 +145,15 @@ def _summary_block(pack_slide, slide_pack_start, first, P, BLOCK: tl.constexpr):
     return rp, ok, slide, lo, hi
 
 
-@triton.autotune(
-    configs=meta.configs(({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2), ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 2),
-                         ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 3), interpret={"BLOCK_M": 32, "BLOCK_N": 32}),
-    key=["K2", "HEAD_D", "HEAD_DV", "SIZE_BUCKET"],
-)
-@triton.jit(do_not_specialize=["P", "L", "SIZE_BUCKET"])
+@triton.jit
 def _summary_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    pid, Q, K, V, DO, LSE, DELTA, DQ,
     pack_start, pack_count, pack_summary, pack_slide, slide_token_start, slide_pack_start,
-    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
-    H, L, P, qk_scale, sm_scale, SIZE_BUCKET,
+    sql, sqd, skl, skd, svl, svd, sdl, sdd, P, qk_scale, sm_scale,
     K2: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    # inductor passes Python floats as fp64; keep the softmax state in fp32
-    qk_scale = tl.cast(qk_scale, tl.float32)
-    sm_scale = tl.cast(sm_scale, tl.float32)
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    Q = _slice(Q, pid_bh, H, sqb, sqh)
-    DQ += pid_bh.to(tl.int64) * L * HEAD_D
-    K = _slice(K, pid_bh, H, skb, skh)
-    V = _slice(V, pid_bh, H, svb, svh)
-    DO = _slice(DO, pid_bh, H, sdb, sdh)
-    LSE += pid_bh.to(tl.int64) * L
-    DELTA += pid_bh.to(tl.int64) * L
-
     rp, row_ok, slide, lo, hi = _summary_block(pack_slide, slide_pack_start, pid * BLOCK_M, P, BLOCK_M)
     tok = tl.load(pack_summary + rp)
     gtok = tl.load(slide_token_start + slide)
@@ -233,36 +194,15 @@ def _summary_bwd_dq(
     tl.store(DQ + tok[:, None] * HEAD_D + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=qmask)
 
 
-@triton.autotune(
-    configs=meta.configs(({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2), ({"BLOCK_M": 64, "BLOCK_N": 128}, 8, 2),
-                         ({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 3), interpret={"BLOCK_M": 32, "BLOCK_N": 32}),
-    key=["K2", "HEAD_D", "HEAD_DV", "SIZE_BUCKET"],
-)
-@triton.jit(do_not_specialize=["P", "L", "SIZE_BUCKET"])
+@triton.jit
 def _summary_bwd_dkv(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    pid, Q, K, V, DO, LSE, DELTA, DK, DV,
     pack_start, pack_count, pack_summary, pack_slide, slide_token_start, slide_pack_start,
-    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
-    H, L, P, qk_scale, sm_scale, SIZE_BUCKET,
+    sql, sqd, skl, skd, svl, svd, sdl, sdd, P, qk_scale, sm_scale,
     K2: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PATCH_SEES_SUMMARY: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr,
-    PREC: tl.constexpr,
+    PATCH_SEES_SUMMARY: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr, PREC: tl.constexpr,
 ):
-    # inductor passes Python floats as fp64; keep the softmax state in fp32
-    qk_scale = tl.cast(qk_scale, tl.float32)
-    sm_scale = tl.cast(sm_scale, tl.float32)
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    Q = _slice(Q, pid_bh, H, sqb, sqh)
-    K = _slice(K, pid_bh, H, skb, skh)
-    DK += pid_bh.to(tl.int64) * L * HEAD_D
-    V = _slice(V, pid_bh, H, svb, svh)
-    DV += pid_bh.to(tl.int64) * L * HEAD_DV
-    DO = _slice(DO, pid_bh, H, sdb, sdh)
-    LSE += pid_bh.to(tl.int64) * L
-    DELTA += pid_bh.to(tl.int64) * L
-
     # key rows: the summaries of packs pid * BLOCK_N ...
     kp, key_ok, kslide, lo, hi = _summary_block(pack_slide, slide_pack_start, pid * BLOCK_N, P, BLOCK_N)
     ktok = tl.load(pack_summary + kp)
@@ -316,30 +256,14 @@ def _summary_bwd_dkv(
     tl.store(DV + ktok[:, None] * HEAD_DV + dv[None, :], dvv.to(DV.dtype.element_ty), mask=vmask)
 
 
-@triton.autotune(
-    configs=meta.configs(({"BLOCK_N": 64}, 4, 2), ({"BLOCK_N": 32}, 4, 2)),
-    key=["HEAD_D", "HEAD_DV", "NSPLIT"],
-)
-@triton.jit(do_not_specialize=["S", "L"])
+@triton.jit
 def _global_bwd_split(
-    Q, K, V, DO, LSE, DELTA, DQ_PART, DK_PART, DV_PART, slide_token_start,
-    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
-    H, S, L, qk_scale,
+    split, s, pid_bh, Q, K, V, DO, LSE, DELTA, PART, slide_token_start,
+    sql, sqd, skl, skd, svl, svd, sdl, sdd, S, qk_scale,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr,
 ):
     """Split `split` of slide s: its rows' grads on the global key, and the global row's dq on its keys."""
-    # inductor passes Python floats as fp64; keep the softmax state in fp32
-    qk_scale = tl.cast(qk_scale, tl.float32)
-    split = tl.program_id(0)
-    s = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    Q = _slice(Q, pid_bh, H, sqb, sqh)
-    K = _slice(K, pid_bh, H, skb, skh)
-    V = _slice(V, pid_bh, H, svb, svh)
-    DO = _slice(DO, pid_bh, H, sdb, sdh)
-    LSE += pid_bh.to(tl.int64) * L
-    DELTA += pid_bh.to(tl.int64) * L
     # every token of the slide is a row that sees the global key
     g, lo, hi = _global_range(slide_token_start, s, split, NSPLIT, True)
     d = tl.arange(0, BLOCK_D)
@@ -366,26 +290,75 @@ def _global_bwd_split(
         ds = p * (tl.sum(dot_ * vg[None, :], 1) - delta)
         dvv += tl.sum(p[:, None] * dot_, 0)
         dk += tl.sum(ds[:, None] * qt, 0)
-        # row: the global query on keys t (only itself unless it sees the slide)
-        if GLOBAL_SEES_ALL:
-            kok = ok
-        else:
-            kok = t == g
-        kt = _load_rows(K, t, skl, skd, kok, HEAD_D, BLOCK_D)
-        vt = _load_rows(V, t, svl, svd, kok, HEAD_DV, BLOCK_DV)
-        p = tl.math.exp2(tl.where(kok, tl.sum(kt * qg[None, :], 1) * qk_scale - lse_g, float("-inf")))
-        ds = p * (tl.sum(vt * dog[None, :], 1) - delta_g)
-        dq += tl.sum(ds[:, None] * kt, 0)
-    part = (pid_bh.to(tl.int64) * S + s) * NSPLIT + split
-    tl.store(DQ_PART + part * BLOCK_D + d, dq)
-    tl.store(DK_PART + part * BLOCK_D + d, dk)
-    tl.store(DV_PART + part * BLOCK_DV + dv, dvv)
+        if GLOBAL_SEES_ALL:  # row: the global query on keys t
+            kt = _load_rows(K, t, skl, skd, ok, HEAD_D, BLOCK_D)
+            vt = _load_rows(V, t, svl, svd, ok, HEAD_DV, BLOCK_DV)
+            p = tl.math.exp2(tl.where(ok, tl.sum(kt * qg[None, :], 1) * qk_scale - lse_g, float("-inf")))
+            ds = p * (tl.sum(vt * dog[None, :], 1) - delta_g)
+            dq += tl.sum(ds[:, None] * kt, 0)
+    if not GLOBAL_SEES_ALL:  # the global query sees only itself: one term, in split 0
+        p = tl.math.exp2(tl.sum(qg * kg, 0) * qk_scale - lse_g)
+        dq = tl.where(split == 0, p * (tl.sum(dog * vg, 0) - delta_g), 0.0) * kg
+    part = PART + ((pid_bh.to(tl.int64) * S + s) * NSPLIT + split) * (2 * BLOCK_D + BLOCK_DV)  # [dq, dk, dv]
+    tl.store(part + d, dq)
+    tl.store(part + BLOCK_D + d, dk)
+    tl.store(part + 2 * BLOCK_D + dv, dvv)
+
+
+@triton.jit(do_not_specialize=["L", "P", "S"])
+def _bwd(
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, PART,
+    pack_start, pack_count, pack_summary, pack_slide, slide_token_start, slide_pack_start,
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sdb, sdh, sdl, sdd,
+    H, L, P, S, qk_scale, sm_scale,
+    K2: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SUMMARY_DKV_BLOCK_M: tl.constexpr, SUMMARY_DKV_BLOCK_N: tl.constexpr,
+    SUMMARY_DQ_BLOCK_M: tl.constexpr, SUMMARY_DQ_BLOCK_N: tl.constexpr,
+    GLOBAL_BLOCK_N: tl.constexpr, PATCH_BLOCK_M: tl.constexpr, NSPLIT: tl.constexpr,
+    PATCH_SEES_SUMMARY: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr, PREC: tl.constexpr,
+):
+    """Program axis 0: summary dk/dv, summary dq, S * NSPLIT global splits, patch programs."""
+    # inductor passes Python floats as fp64; keep the softmax state in fp32
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    Q = _slice(Q, pid_bh, H, sqb, sqh)
+    K = _slice(K, pid_bh, H, skb, skh)
+    V = _slice(V, pid_bh, H, svb, svh)
+    DO = _slice(DO, pid_bh, H, sdb, sdh)
+    LSE += pid_bh.to(tl.int64) * L
+    DELTA += pid_bh.to(tl.int64) * L
+    DQ += pid_bh.to(tl.int64) * L * HEAD_D  # grads are contiguous [B, H, L, D]
+    DK += pid_bh.to(tl.int64) * L * HEAD_D
+    DV += pid_bh.to(tl.int64) * L * HEAD_DV
+    n_dkv = tl.cdiv(P, SUMMARY_DKV_BLOCK_N)
+    n_dq = tl.cdiv(P, SUMMARY_DQ_BLOCK_M)
+    if pid < n_dkv:
+        _summary_bwd_dkv(pid, Q, K, V, DO, LSE, DELTA, DK, DV, pack_start, pack_count, pack_summary, pack_slide,
+                         slide_token_start, slide_pack_start, sql, sqd, skl, skd, svl, svd, sdl, sdd,
+                         P, qk_scale, sm_scale, K2, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV,
+                         SUMMARY_DKV_BLOCK_M, SUMMARY_DKV_BLOCK_N, PATCH_SEES_SUMMARY, GLOBAL_SEES_ALL, PREC)
+    elif pid < n_dkv + n_dq:
+        _summary_bwd_dq(pid - n_dkv, Q, K, V, DO, LSE, DELTA, DQ, pack_start, pack_count, pack_summary, pack_slide,
+                        slide_token_start, slide_pack_start, sql, sqd, skl, skd, svl, svd, sdl, sdd,
+                        P, qk_scale, sm_scale, K2, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV,
+                        SUMMARY_DQ_BLOCK_M, SUMMARY_DQ_BLOCK_N, PREC)
+    elif pid < n_dkv + n_dq + S * NSPLIT:
+        pid -= n_dkv + n_dq
+        _global_bwd_split(pid % NSPLIT, pid // NSPLIT, pid_bh, Q, K, V, DO, LSE, DELTA, PART, slide_token_start,
+                          sql, sqd, skl, skd, svl, svd, sdl, sdd, S, qk_scale,
+                          HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, NSPLIT, GLOBAL_BLOCK_N, GLOBAL_SEES_ALL)
+    else:
+        _patch_bwd(pid - n_dkv - n_dq - S * NSPLIT, Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
+                   pack_start, pack_count, pack_summary, pack_slide, slide_token_start,
+                   sql, sqd, skl, skd, svl, svd, sdl, sdd, P, qk_scale, sm_scale,
+                   K2, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, PATCH_BLOCK_M, PATCH_SEES_SUMMARY, GLOBAL_SEES_ALL, PREC)
 
 
 @triton.jit(do_not_specialize=["S", "L"])
-def _global_bwd_merge(
-    DQ, DK, DV, DQ_PART, DK_PART, DV_PART, slide_token_start,
-    S, L, sm_scale,
+def _bwd_merge(
+    DQ, DK, DV, PART, slide_token_start, S, L, sm_scale,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     NSPLIT: tl.constexpr,
 ):
@@ -395,49 +368,52 @@ def _global_bwd_merge(
     s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     row = pid_bh.to(tl.int64) * L + tl.load(slide_token_start + s)  # grads are contiguous [B, H, L, D]
-    part = (pid_bh.to(tl.int64) * S + s) * NSPLIT + tl.arange(0, NSPLIT)  # [NSPLIT]
+    part = PART + ((pid_bh.to(tl.int64) * S + s) * NSPLIT + tl.arange(0, NSPLIT)) * (2 * BLOCK_D + BLOCK_DV)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    dq = tl.sum(tl.load(DQ_PART + part[:, None] * BLOCK_D + d[None, :]), 0)
-    dk = tl.sum(tl.load(DK_PART + part[:, None] * BLOCK_D + d[None, :]), 0)
-    dvv = tl.sum(tl.load(DV_PART + part[:, None] * BLOCK_DV + dv[None, :]), 0)
+    dq = tl.sum(tl.load(part[:, None] + d[None, :]), 0)
+    dk = tl.sum(tl.load(part[:, None] + BLOCK_D + d[None, :]), 0)
+    dvv = tl.sum(tl.load(part[:, None] + 2 * BLOCK_D + dv[None, :]), 0)
     tl.store(DQ + row * HEAD_D + d, (dq * sm_scale).to(DQ.dtype.element_ty), mask=d < HEAD_D)
     tl.store(DK + row * HEAD_D + d, (dk * sm_scale).to(DK.dtype.element_ty), mask=d < HEAD_D)
     tl.store(DV + row * HEAD_DV + dv, dvv.to(DV.dtype.element_ty), mask=dv < HEAD_DV)
 
 
-def attention_bwd(do, q, k, v, o, lse, lay: meta.LayoutArgs, scale: float, flags: meta.MaskFlags, pack_size: int):
-    """Launch the backward kernels -> (dq, dk, dv), contiguous, in the dtypes of q, k, v."""
+LAUNCHES = ("bwd_delta", "bwd", "bwd_merge")
+
+
+def attention_bwd(do, q, k, v, o, lse, lay: meta.LayoutArgs, scale: float, flags: meta.MaskFlags, pack_size: int,
+                  autotune: bool = False, cfg: dict | None = None):
+    """Launch the backward (three launches) -> (dq, dk, dv), contiguous, in the dtypes of q, k, v.
+
+    cfg: the launches' configs (default: the table's for this key, or tuned first when `autotune`).
+    """
+    if cfg is None:
+        cfg = configs.resolve(q, pack_size, LAUNCHES, flags.global_sees_all, autotune,
+                              lambda c: attention_bwd(do, q, k, v, o, lse, lay, scale, flags, pack_size, cfg=c))
     b, h, n_tok, d = q.shape
     dv = v.shape[-1]
     p, s = lay.num_packs, lay.num_slides
+    k2 = pack_size ** 2
+    bwd = dict(cfg["bwd"])
+    nsplit = meta.num_splits(meta.size_bucket(n_tok), bwd.pop("SPLIT_TOKENS"))
+    bd, bdv = meta.block_d(d), meta.block_d(dv)
     dq, dk, dvv = (meta.new_buffer(t.shape, t.dtype, t.device) for t in (q, k, v))  # contiguous
     delta = meta.new_buffer((b, h, n_tok), torch.float32, q.device)
-    qk_scale = scale * 1.4426950408889634
-    dims = dict(HEAD_D=d, HEAD_DV=dv, BLOCK_D=meta.block_d(d), BLOCK_DV=meta.block_d(dv))
-    common = dict(K2=pack_size ** 2, PREC=meta.dot_precision(q.dtype), **dims)
-    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    sizes = (h, n_tok, p, qk_scale, scale, meta.size_bucket(p))
+    part = meta.new_buffer((b * h * s * nsplit * (2 * bd + bdv),), torch.float32, q.device)  # [dq, dk, dv]
 
-    wrap_triton(_bwd_delta)[(triton.cdiv(n_tok, 64), b * h)](
-        o, do, delta, *_strides(o), *_strides(do), h, n_tok, HEAD_DV=dv, BLOCK_DV=dims["BLOCK_DV"], BLOCK=64)
-    layout_args = (lay.pack_patch_start, lay.pack_patch_count, lay.pack_summary_token, lay.pack_slide,
-                   lay.slide_token_start)
-    wrap_triton(_patch_bwd)[lambda c: (triton.cdiv(p, c["BLOCK_M"] // (pack_size ** 2)), b * h)](
-        q, k, v, do, lse, delta, dq, dk, dvv, *layout_args, *strides, *sizes, **common,
-        **flags.constexprs("PATCH_SEES_SUMMARY", "GLOBAL_SEES_ALL"))
-    wrap_triton(_summary_bwd_dq)[lambda c: (triton.cdiv(p, c["BLOCK_M"]), b * h)](
-        q, k, v, do, lse, delta, dq, *layout_args, lay.slide_pack_start, *strides, *sizes, **common)
-    wrap_triton(_summary_bwd_dkv)[lambda c: (triton.cdiv(p, c["BLOCK_N"]), b * h)](
-        q, k, v, do, lse, delta, dk, dvv, *layout_args, lay.slide_pack_start, *strides, *sizes, **common,
-        **flags.constexprs("PATCH_SEES_SUMMARY", "GLOBAL_SEES_ALL"))
-
-    nsplit = meta.num_splits(n_tok)
-    parts = [meta.new_buffer((b * h * s * nsplit, w), torch.float32, q.device)
-             for w in (dims["BLOCK_D"], dims["BLOCK_D"], dims["BLOCK_DV"])]
-    wrap_triton(_global_bwd_split)[(nsplit, s, b * h)](
-        q, k, v, do, lse, delta, *parts, lay.slide_token_start, *strides, h, s, n_tok, qk_scale,
-        NSPLIT=nsplit, GLOBAL_SEES_ALL=flags.global_sees_all, **dims)
-    wrap_triton(_global_bwd_merge)[(s, b * h)](
-        dq, dk, dvv, *parts, lay.slide_token_start, s, n_tok, scale, NSPLIT=nsplit, **dims)
+    meta.launch(_bwd_delta, (triton.cdiv(n_tok, cfg["bwd_delta"]["BLOCK"]), b * h), cfg["bwd_delta"],
+                o, do, delta, *meta.strides(o), *meta.strides(do), h, n_tok, HEAD_DV=dv, BLOCK_DV=bdv)
+    n_programs = (triton.cdiv(p, bwd["SUMMARY_DKV_BLOCK_N"]) + triton.cdiv(p, bwd["SUMMARY_DQ_BLOCK_M"])
+                  + s * nsplit + triton.cdiv(p, bwd["PATCH_BLOCK_M"] // k2))
+    meta.launch(_bwd, (n_programs, b * h), bwd,
+                q, k, v, do, lse, delta, dq, dk, dvv, part, lay.pack_patch_start, lay.pack_patch_count,
+                lay.pack_summary_token, lay.pack_slide, lay.slide_token_start, lay.slide_pack_start,
+                *meta.strides(q), *meta.strides(k), *meta.strides(v), *meta.strides(do),
+                h, n_tok, p, s, scale * meta.LOG2E, scale,
+                K2=k2, HEAD_D=d, HEAD_DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, NSPLIT=nsplit,
+                PREC=meta.dot_precision(q.dtype), **flags.constexprs())
+    meta.launch(_bwd_merge, (s, b * h), cfg["bwd_merge"],
+                dq, dk, dvv, part, lay.slide_token_start, s, n_tok, scale,
+                HEAD_D=d, HEAD_DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, NSPLIT=nsplit)
     return dq, dk, dvv

@@ -1,16 +1,19 @@
 """Forward Triton kernels of topo-pack attention and their launcher.
 
-Three row kinds, three kernels (scores in base 2: s = q.k * scale * log2(e)):
+Three row kinds, one launch (``_fwd``: its programs are split between the parts by
+program id, the long-running ones first), scores in base 2 (s = q.k * scale * log2(e)):
 
-- ``_patch_fwd``: PACKS consecutive packs per program, their patch tokens
-  gathered as one [BLOCK_M, D] block; block-diagonal scores (same pack) plus the
-  summary and global keys as per-row extra columns. Memory-bound, ~k*k keys a row.
-- ``_summary_fwd``: BLOCK_M summary rows; the slide's summaries in a
-  FlashAttention loop of BLOCK_N keys (tl.dot, online softmax), plus each row's
-  own patches and global key. Blocks may straddle slides (keys masked by slide).
-- ``_global_fwd_split`` + ``_global_fwd_merge``: the global row (under
-  global_to_all it sees its whole slide) is split over NSPLIT key ranges whose
-  partial (max, sum, acc) are merged through their log-sum-exp.
+- summary part: SUMMARY_BLOCK_M summary rows; the slide's summaries in a
+  FlashAttention loop of SUMMARY_BLOCK_N keys (tl.dot, online softmax), plus each
+  row's own patches and global key. Blocks may straddle slides (keys masked by
+  slide). Under PAPER the global row sees only itself (o = v_global,
+  lse = q.k_global), and the program holding a slide's first pack writes it.
+- global part (global_to_all only): the global row sees its whole slide, split
+  over NSPLIT key ranges whose partial (max, sum, acc) ``_fwd_merge`` merges
+  through their log-sum-exp (the second launch).
+- patch part: PATCH_BLOCK_M // K2 consecutive packs per program, their patch
+  tokens gathered as one block; block-diagonal scores (same pack) plus the summary
+  and global keys as per-row extra columns. Memory-bound, ~k*k keys a row.
 
 Every program seeds its online softmax with the slide's global key, which every
 row sees, so a fully masked tile never produces inf - inf.
@@ -21,9 +24,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from . import triton_meta as meta
+from . import triton_configs as configs, triton_meta as meta
 
 
 @triton.jit
@@ -90,32 +92,17 @@ def _merge_key_block(m, l, acc, s, v, PREC: tl.constexpr):
     return m_new, l * alpha + tl.sum(p, 1), acc
 
 
-@triton.autotune(
-    configs=meta.configs(({"BLOCK_M": 32}, 4, 2), ({"BLOCK_M": 32}, 2, 2), ({"BLOCK_M": 64}, 4, 2),
-                         ({"BLOCK_M": 16}, 2, 2)),
-    key=["K2", "HEAD_D", "HEAD_DV", "SIZE_BUCKET"],
-)
-@triton.jit(do_not_specialize=["P", "L", "SIZE_BUCKET"])
+@triton.jit
 def _patch_fwd(
-    Q, K, V, O, LSE,
+    pid, Q, K, V, O, LSE,
     pack_start, pack_count, pack_summary, pack_slide, slide_token_start,
-    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
-    H, L, P, qk_scale, SIZE_BUCKET,
+    sql, sqd, skl, skd, svl, svd, sol, sod,
+    P, qk_scale,
     K2: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-    PATCH_SEES_SUMMARY: tl.constexpr,
-    PREC: tl.constexpr,
+    PATCH_SEES_SUMMARY: tl.constexpr, PREC: tl.constexpr,
 ):
-    # inductor passes Python floats as fp64; keep the softmax state in fp32
-    qk_scale = tl.cast(qk_scale, tl.float32)
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    Q = _slice(Q, pid_bh, H, sqb, sqh)
-    K = _slice(K, pid_bh, H, skb, skh)
-    V = _slice(V, pid_bh, H, svb, svh)
-    O = _slice(O, pid_bh, H, sob, soh)
-    LSE += pid_bh.to(tl.int64) * L
-
+    """Patch program pid on one (b, h) slice (pointers already moved there)."""
     pk, row_ok, tok, gtok = _patch_rows(pid, pack_start, pack_count, pack_slide, slide_token_start, P, K2, BLOCK_M)
 
     d = tl.arange(0, BLOCK_D)
@@ -149,32 +136,17 @@ def _patch_fwd(
     tl.store(LSE + tok, m + tl.math.log2(l), mask=row_ok)
 
 
-@triton.autotune(
-    configs=meta.configs(({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3), ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3),
-                         ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 2), ({"BLOCK_M": 128, "BLOCK_N": 32}, 4, 3),
-                         interpret={"BLOCK_M": 32, "BLOCK_N": 32}),
-    key=["K2", "HEAD_D", "HEAD_DV", "SIZE_BUCKET"],
-)
-@triton.jit(do_not_specialize=["P", "L", "SIZE_BUCKET"])
+@triton.jit
 def _summary_fwd(
-    Q, K, V, O, LSE,
+    pid, Q, K, V, O, LSE,
     pack_start, pack_count, pack_summary, pack_slide, slide_token_start, slide_pack_start,
-    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
-    H, L, P, qk_scale, SIZE_BUCKET,
+    sql, sqd, skl, skd, svl, svd, sol, sod,
+    P, qk_scale,
     K2: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PREC: tl.constexpr,
+    GLOBAL_SEES_ALL: tl.constexpr, PREC: tl.constexpr,
 ):
-    # inductor passes Python floats as fp64; keep the softmax state in fp32
-    qk_scale = tl.cast(qk_scale, tl.float32)
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    Q = _slice(Q, pid_bh, H, sqb, sqh)
-    K = _slice(K, pid_bh, H, skb, skh)
-    V = _slice(V, pid_bh, H, svb, svh)
-    O = _slice(O, pid_bh, H, sob, soh)
-    LSE += pid_bh.to(tl.int64) * L
-
+    """Summary program pid on one (b, h) slice; under PAPER also the global rows of its slides' first packs."""
     # rows: the summaries of packs pid * BLOCK_M ...
     first = pid * BLOCK_M
     rp = first + tl.arange(0, BLOCK_M)  # [BLOCK_M] pack ids
@@ -195,6 +167,16 @@ def _summary_fwd(
     m = tl.sum(qf * kg, 1) * qk_scale
     l = tl.full([BLOCK_M], 1.0, tl.float32)
     acc = tl.load(V + gtok[:, None] * svl + dv[None, :] * svd, mask=vmask, other=0.0).to(tl.float32)
+
+    if not GLOBAL_SEES_ALL:  # the global row sees only itself: o = v_global, lse = q.k_global
+        gmask = row_ok & (rp == tl.load(slide_pack_start + slide))  # rows holding their slide's first pack
+        qg = tl.load(Q + gtok[:, None] * sql + d[None, :] * sqd, mask=gmask[:, None] & (d < HEAD_D)[None, :],
+                     other=0.0).to(tl.float32)
+        sg = tl.sum(qg * kg, 1) * qk_scale
+        og = acc * tl.math.exp2(sg - sg)[:, None]  # v_global; NaN when the logit is (as the softmax)
+        tl.store(O + gtok[:, None] * sol + dv[None, :] * sod, og.to(O.dtype.element_ty),
+                 mask=gmask[:, None] & (dv < HEAD_DV)[None, :])
+        tl.store(LSE + gtok, sg, mask=gmask)
 
     # the pack's own patches, one slot at a time
     pstart = tl.load(pack_start + rp)
@@ -238,28 +220,15 @@ def _global_range(slide_token_start, s, split, NSPLIT: tl.constexpr, SEES_ALL: t
     return t0, lo, hi
 
 
-@triton.autotune(
-    configs=meta.configs(({"BLOCK_N": 64}, 4, 2), ({"BLOCK_N": 128}, 4, 2)),
-    key=["HEAD_D", "HEAD_DV", "NSPLIT"],
-)
-@triton.jit(do_not_specialize=["S"])
+@triton.jit
 def _global_fwd_split(
-    Q, K, V, M_PART, L_PART, ACC_PART, slide_token_start,
-    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
-    H, S, qk_scale,
+    split, s, pid_bh, Q, K, V, PART, slide_token_start,
+    sql, sqd, skl, skd, svl, svd, S, qk_scale,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr,
+    NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # inductor passes Python floats as fp64; keep the softmax state in fp32
-    qk_scale = tl.cast(qk_scale, tl.float32)
-    split = tl.program_id(0)
-    s = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    Q = _slice(Q, pid_bh, H, sqb, sqh)
-    K = _slice(K, pid_bh, H, skb, skh)
-    V = _slice(V, pid_bh, H, svb, svh)
-    g, lo, hi = _global_range(slide_token_start, s, split, NSPLIT, GLOBAL_SEES_ALL)
-
+    """Split `split` of slide s's global row (it sees the whole slide): partial (acc, max, sum) into PART."""
+    g, lo, hi = _global_range(slide_token_start, s, split, NSPLIT, True)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     q = tl.load(Q + g * sql + d * sqd, mask=d < HEAD_D, other=0.0).to(tl.float32)  # [D]
@@ -278,26 +247,70 @@ def _global_fwd_split(
         l = l * alpha + tl.sum(p, 0)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         m = m_new
-    part = (pid_bh.to(tl.int64) * S + s) * NSPLIT + split
-    tl.store(M_PART + part, m)  # -inf and 0 for an empty split
-    tl.store(L_PART + part, l)
-    tl.store(ACC_PART + part * BLOCK_DV + dv, acc)
+    part = PART + ((pid_bh.to(tl.int64) * S + s) * NSPLIT + split) * (BLOCK_DV + 2)  # [acc, max, sum]
+    tl.store(part + dv, acc)
+    tl.store(part + BLOCK_DV, m)  # -inf and 0 for an empty split
+    tl.store(part + BLOCK_DV + 1, l)
+
+
+@triton.jit(do_not_specialize=["L", "P", "S"])
+def _fwd(
+    Q, K, V, O, LSE, PART,
+    pack_start, pack_count, pack_summary, pack_slide, slide_token_start, slide_pack_start,
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
+    H, L, P, S, qk_scale,
+    K2: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SUMMARY_BLOCK_M: tl.constexpr, SUMMARY_BLOCK_N: tl.constexpr, GLOBAL_BLOCK_N: tl.constexpr,
+    PATCH_BLOCK_M: tl.constexpr, NSPLIT: tl.constexpr,
+    PATCH_SEES_SUMMARY: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr, PREC: tl.constexpr,
+):
+    """Program axis 0: summary programs, then (global_to_all) S * NSPLIT global splits, then patch programs."""
+    # inductor passes Python floats as fp64; keep the softmax state in fp32
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    Q = _slice(Q, pid_bh, H, sqb, sqh)
+    K = _slice(K, pid_bh, H, skb, skh)
+    V = _slice(V, pid_bh, H, svb, svh)
+    O = _slice(O, pid_bh, H, sob, soh)
+    LSE += pid_bh.to(tl.int64) * L
+    n_summary = tl.cdiv(P, SUMMARY_BLOCK_M)
+    if pid < n_summary:
+        _summary_fwd(pid, Q, K, V, O, LSE, pack_start, pack_count, pack_summary, pack_slide, slide_token_start,
+                     slide_pack_start, sql, sqd, skl, skd, svl, svd, sol, sod, P, qk_scale,
+                     K2, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, SUMMARY_BLOCK_M, SUMMARY_BLOCK_N, GLOBAL_SEES_ALL, PREC)
+    else:
+        pid -= n_summary
+        if GLOBAL_SEES_ALL:
+            if pid < S * NSPLIT:
+                _global_fwd_split(pid % NSPLIT, pid // NSPLIT, pid_bh, Q, K, V, PART, slide_token_start,
+                                  sql, sqd, skl, skd, svl, svd, S, qk_scale,
+                                  HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, NSPLIT, GLOBAL_BLOCK_N)
+            else:
+                _patch_fwd(pid - S * NSPLIT, Q, K, V, O, LSE, pack_start, pack_count, pack_summary, pack_slide,
+                           slide_token_start, sql, sqd, skl, skd, svl, svd, sol, sod, P, qk_scale,
+                           K2, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, PATCH_BLOCK_M, PATCH_SEES_SUMMARY, PREC)
+        else:
+            _patch_fwd(pid, Q, K, V, O, LSE, pack_start, pack_count, pack_summary, pack_slide,
+                       slide_token_start, sql, sqd, skl, skd, svl, svd, sol, sod, P, qk_scale,
+                       K2, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, PATCH_BLOCK_M, PATCH_SEES_SUMMARY, PREC)
 
 
 @triton.jit(do_not_specialize=["S", "L"])
-def _global_fwd_merge(
-    O, LSE, M_PART, L_PART, ACC_PART, slide_token_start,
+def _fwd_merge(
+    O, LSE, PART, slide_token_start,
     sob, soh, sol, sod, H, S, L,
     HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, NSPLIT: tl.constexpr,
 ):
+    """The global rows under global_to_all: their NSPLIT partials merged through their log-sum-exp."""
     s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     g = tl.load(slide_token_start + s)
-    part = (pid_bh.to(tl.int64) * S + s) * NSPLIT + tl.arange(0, NSPLIT)  # [NSPLIT]
+    part = PART + ((pid_bh.to(tl.int64) * S + s) * NSPLIT + tl.arange(0, NSPLIT)) * (BLOCK_DV + 2)  # [NSPLIT]
     dv = tl.arange(0, BLOCK_DV)
-    m = tl.load(M_PART + part)
-    l = tl.load(L_PART + part)
-    acc = tl.load(ACC_PART + part[:, None] * BLOCK_DV + dv[None, :])  # [NSPLIT, DV]
+    acc = tl.load(part[:, None] + dv[None, :])  # [NSPLIT, DV]
+    m = tl.load(part + BLOCK_DV)
+    l = tl.load(part + BLOCK_DV + 1)
     m_all = tl.max(m, 0)  # split 0 is never empty
     w = tl.math.exp2(m - m_all)
     l_all = tl.sum(l * w, 0)
@@ -306,39 +319,45 @@ def _global_fwd_merge(
     tl.store(LSE + pid_bh.to(tl.int64) * L + g, m_all + tl.math.log2(l_all))
 
 
-def _strides(t: torch.Tensor):
-    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+def launches(flags: meta.MaskFlags) -> tuple[str, ...]:
+    """The forward's launches under these rules (config-table names)."""
+    return ("fwd", "fwd_merge") if flags.global_sees_all else ("fwd",)
 
 
-def attention_fwd(q, k, v, lay: meta.LayoutArgs, scale: float, flags: meta.MaskFlags, pack_size: int):
-    """Launch the forward kernels: q, k [B, H, L, D], v [B, H, L, DV] -> (out [B, H, L, DV], lse [B, H, L] base 2)."""
+def attention_fwd(q, k, v, lay: meta.LayoutArgs, scale: float, flags: meta.MaskFlags, pack_size: int,
+                  autotune: bool = False, cfg: dict | None = None):
+    """Launch the forward: q, k [B, H, L, D], v [B, H, L, DV] -> (out [B, H, L, DV], lse [B, H, L] base 2).
+
+    One launch under PAPER, two under global_to_all. cfg: the launches' configs (default: the
+    table's for this key, or tuned first when `autotune`).
+    """
+    if cfg is None:
+        cfg = configs.resolve(q, pack_size, launches(flags), flags.global_sees_all, autotune,
+                              lambda c: attention_fwd(q, k, v, lay, scale, flags, pack_size, cfg=c))
     b, h, n_tok, d = q.shape
     dv = v.shape[-1]
     p, s = lay.num_packs, lay.num_slides
+    k2 = pack_size ** 2
+    fwd = dict(cfg["fwd"])
+    split_tokens = fwd.pop("SPLIT_TOKENS")
+    bd, bdv = meta.block_d(d), meta.block_d(dv)
     o = meta.new_buffer((b, h, n_tok, dv), q.dtype, q.device)
     lse = meta.new_buffer((b, h, n_tok), torch.float32, q.device)
-    qk_scale = scale * 1.4426950408889634  # log2(e)
-    dims = dict(HEAD_D=d, HEAD_DV=dv, BLOCK_D=meta.block_d(d), BLOCK_DV=meta.block_d(dv))
-    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(o))
-    common = dict(K2=pack_size ** 2, PREC=meta.dot_precision(q.dtype), **dims)
-    sizes = (h, n_tok, p, qk_scale, meta.size_bucket(p))
-
-    wrap_triton(_patch_fwd)[lambda c: (triton.cdiv(p, c["BLOCK_M"] // (pack_size ** 2)), b * h)](
-        q, k, v, o, lse, lay.pack_patch_start, lay.pack_patch_count, lay.pack_summary_token, lay.pack_slide,
-        lay.slide_token_start, *strides, *sizes, **common,
-        **flags.constexprs("PATCH_SEES_SUMMARY"))
-    wrap_triton(_summary_fwd)[lambda c: (triton.cdiv(p, c["BLOCK_M"]), b * h)](
-        q, k, v, o, lse, lay.pack_patch_start, lay.pack_patch_count, lay.pack_summary_token, lay.pack_slide,
-        lay.slide_token_start, lay.slide_pack_start, *strides, *sizes, **common)
-
-    nsplit = meta.num_splits(n_tok) if flags.global_sees_all else 1
-    m_part = meta.new_buffer((b * h * s * nsplit,), torch.float32, q.device)
-    l_part = meta.new_buffer((b * h * s * nsplit,), torch.float32, q.device)
-    acc_part = meta.new_buffer((b * h * s * nsplit, dims["BLOCK_DV"]), torch.float32, q.device)
-    wrap_triton(_global_fwd_split)[(nsplit, s, b * h)](
-        q, k, v, m_part, l_part, acc_part, lay.slide_token_start, *strides[:12], h, s, qk_scale,
-        NSPLIT=nsplit, GLOBAL_SEES_ALL=flags.global_sees_all, **dims)
-    wrap_triton(_global_fwd_merge)[(s, b * h)](
-        o, lse, m_part, l_part, acc_part, lay.slide_token_start, *_strides(o), h, s, n_tok,
-        HEAD_DV=dv, BLOCK_DV=dims["BLOCK_DV"], NSPLIT=nsplit)
+    n_programs = triton.cdiv(p, fwd["SUMMARY_BLOCK_M"]) + triton.cdiv(p, fwd["PATCH_BLOCK_M"] // k2)
+    nsplit, part = 1, lse  # PAPER: no global splits
+    if flags.global_sees_all:
+        nsplit = meta.num_splits(meta.size_bucket(n_tok), split_tokens)
+        part = meta.new_buffer((b * h * s * nsplit * (bdv + 2),), torch.float32, q.device)  # [acc, max, sum]
+        n_programs += s * nsplit
+    meta.launch(_fwd, (n_programs, b * h), fwd,
+                q, k, v, o, lse, part, lay.pack_patch_start, lay.pack_patch_count, lay.pack_summary_token,
+                lay.pack_slide, lay.slide_token_start, lay.slide_pack_start,
+                *meta.strides(q), *meta.strides(k), *meta.strides(v), *meta.strides(o),
+                h, n_tok, p, s, scale * meta.LOG2E,
+                K2=k2, HEAD_D=d, HEAD_DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, NSPLIT=nsplit,
+                PREC=meta.dot_precision(q.dtype), **flags.constexprs())
+    if flags.global_sees_all:
+        meta.launch(_fwd_merge, (s, b * h), cfg["fwd_merge"],
+                    o, lse, part, lay.slide_token_start, *meta.strides(o), h, s, n_tok,
+                    HEAD_DV=dv, BLOCK_DV=bdv, NSPLIT=nsplit)
     return o, lse

@@ -1,17 +1,17 @@
-"""What the topo-pack Triton kernels need besides q, k, v: layout tensors, mask flags, sizes.
+"""What the topo-pack Triton kernels need besides q, k, v: layout tensors, mask flags, sizes, the launch call.
 
 Everything here derives from tensor shapes and the rules only (no host sync, no
 data-dependent sizes), so the launchers trace under torch.compile and a new
-slide size never changes a compile-time constant except through a bucket.
+slide size never changes a compile-time constant except through its size bucket.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import triton
+from torch.library import wrap_triton
 from triton import knobs
 
 from topopack.layout import TopoLayout
@@ -19,15 +19,15 @@ from topopack.rules import GLOBAL, PATCH, KeyGroup, TopoRules, sparse_key_groups
 
 # Decided when the kernels are decorated (triton.jit reads TRITON_INTERPRET then).
 INTERPRET = bool(knobs.runtime.interpret)
-AUTOTUNE = os.environ.get("TOPOPACK_TRITON_AUTOTUNE", "1") != "0"
 
 # Tests set this to pre-fill every output and scratch buffer with NaN, so a row
 # that no program writes shows up as NaN instead of stale memory.
 POISON_OUTPUTS = False
 
 MAX_HEAD_DIM = 256
-GLOBAL_CHUNK = 2048  # tokens per split of a slide-wide row or column (before bucketing)
+MIN_SIZE_BUCKET = 4 ** 7  # tokens; buckets are powers of 4 from here (16384, 65536, 262144, ...)
 MAX_SPLITS = 128
+LOG2E = 1.4426950408889634
 
 
 class LayoutArgs(NamedTuple):
@@ -67,10 +67,8 @@ class MaskFlags:
         return cls(patch_sees_summary=KeyGroup.PACK_SUMMARY in groups[PATCH],
                    global_sees_all=KeyGroup.SLIDE_ALL in groups[GLOBAL])
 
-    def constexprs(self, *names: str) -> dict:
-        """The kernel constexprs `names` (a kernel takes only the flags it reads)."""
-        every = dict(PATCH_SEES_SUMMARY=self.patch_sees_summary, GLOBAL_SEES_ALL=self.global_sees_all)
-        return {n: every[n] for n in names}
+    def constexprs(self) -> dict:
+        return dict(PATCH_SEES_SUMMARY=self.patch_sees_summary, GLOBAL_SEES_ALL=self.global_sees_all)
 
 
 def block_d(d: int) -> int:
@@ -80,19 +78,26 @@ def block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def size_bucket(n: int) -> int:
-    """Autotune key for a size: its next power of two, so a new slide size reuses the tuned config."""
-    return triton.next_power_of_2(max(1, n))
+def size_bucket(num_tokens: int) -> int:
+    """The config table's size key: the smallest power of 4 >= num_tokens, at least MIN_SIZE_BUCKET."""
+    bucket = MIN_SIZE_BUCKET
+    while bucket < num_tokens:
+        bucket *= 4
+    return bucket
 
 
-def num_splits(num_tokens: int) -> int:
-    """Splits of a slide-wide row/column: a power of two from the total token count (a shape)."""
-    return min(MAX_SPLITS, triton.next_power_of_2(triton.cdiv(num_tokens, GLOBAL_CHUNK)))
+def num_splits(bucket: int, split_tokens: int) -> int:
+    """Splits of a slide-wide row/column: split_tokens (a config) per split at the top of the size bucket."""
+    return max(1, min(MAX_SPLITS, bucket // split_tokens))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs stay exact (ieee); fp16/bf16 use the tensor cores natively."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def strides(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
 def new_buffer(shape, dtype, device) -> torch.Tensor:
@@ -101,12 +106,11 @@ def new_buffer(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def configs(*options, interpret: dict | None = None) -> list:
-    """Autotune configs from (block sizes, num_warps, num_stages); the first is the default.
+def launch(kernel, grid, cfg: dict, *args, **constexprs) -> None:
+    """kernel[grid](*args) with the config's block sizes, num_warps and num_stages.
 
-    One config only under the interpreter (`interpret` or the default; autotuning there
-    is only slow), or with TOPOPACK_TRITON_AUTOTUNE=0 (quick checks: one compile per variant).
+    Eager calls launch the jit kernel directly (microseconds); under torch.compile the
+    launch goes through wrap_triton, so the kernel is traced into the graph.
     """
-    if INTERPRET:
-        return [triton.Config(interpret or options[0][0], num_warps=4, num_stages=1)]
-    return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in (options if AUTOTUNE else options[:1])]
+    k = wrap_triton(kernel) if torch.compiler.is_compiling() else kernel
+    k[grid](*args, **constexprs, **cfg)

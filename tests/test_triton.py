@@ -5,6 +5,7 @@ fp32). TRITON_INTERPRET must be set before the kernels are decorated, i.e.
 before topopack.kernels.triton is first imported; if another test file in this
 process imported them first without it, the file re-runs itself in a subprocess.
 """
+import copy
 import os
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from hypothesis import given, settings, strategies as st
 
 from strategies import layouts
 from topopack import BIDIRECTIONAL, PAPER, TopoLayout, TopoPackAttention, TopoRules, topo_pack_attention
-from topopack.kernels import triton as _kernels, triton_meta as meta  # noqa: F401 (decorates the kernels now)
+from topopack.kernels import triton as _kernels  # noqa: F401 (decorates the kernels now)
+from topopack.kernels import triton_configs as configs, triton_meta as meta
 from topopack.reference import attention as reference
 
 ON_GPU = torch.cuda.is_available() and not meta.INTERPRET
@@ -111,10 +113,13 @@ def test_large_logits(rules):
 @pytest.mark.parametrize("rules", [PAPER, BIDIRECTIONAL], ids=lambda r: r.name)
 def test_many_splits_and_summary_blocks(rules, monkeypatch):
     """Slide-wide global row/column split 16 ways (some splits empty), summary blocks straddling slides."""
-    monkeypatch.setattr(meta, "GLOBAL_CHUNK", 16)
     layout = TopoLayout.cat([TopoLayout.from_grid(9, 9, 1), TopoLayout.from_coords([[0, 0], [5, 5]], 1, 1),
                              TopoLayout.from_grid(5, 5, 1)]).to(DEVICE)
-    assert meta.num_splits(layout.num_tokens) == 16 and layout.num_packs > 64
+    cfg = copy.deepcopy(configs.lookup(configs.Key(configs.arch(torch.device(DEVICE)), 16, 1, meta.MIN_SIZE_BUCKET)))
+    for launch in ("fwd", "bwd"):
+        cfg[launch]["SPLIT_TOKENS"] = meta.MIN_SIZE_BUCKET // 16
+    monkeypatch.setattr(configs, "FORCED", cfg)
+    assert meta.size_bucket(layout.num_tokens) == meta.MIN_SIZE_BUCKET and layout.num_packs > 64
     assert_matches(layout, rules, *qkv(layout, b=1, h=2, d=16, seed=5))
 
 
@@ -211,31 +216,36 @@ def test_gpu_dtypes(dtype, rules, k):
     assert_matches(layout, rules, q, k_, v, tol=tol)
 
 
-# Compiles every kernel for sm_90 (fp16, head_dim 64, every rule flag on, first autotune config)
-# without a GPU: the interpreter forgives what the compiler rejects (e.g. loop-carried types).
-# The scales are typed fp64, as inductor passes Python floats under torch.compile.
+# Compiles every kernel for sm_90 with each GPU row of the config table (fp16, head_dim 64,
+# every rule flag on) without a GPU: the interpreter forgives what the compiler rejects (e.g.
+# loop-carried types). The scales are typed fp64, as inductor passes Python floats under torch.compile.
 COMPILE_FOR_SM90 = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from topopack.kernels import triton_bwd as B, triton_fwd as F
+from topopack.kernels import triton_bwd as B, triton_configs as C, triton_fwd as F
 
 POINTERS = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "O": "*fp16", "DO": "*fp16", "DQ": "*fp16", "DK": "*fp16",
-            "DV": "*fp16", "LSE": "*fp32", "DELTA": "*fp32", "M_PART": "*fp32", "L_PART": "*fp32",
-            "ACC_PART": "*fp32", "DQ_PART": "*fp32", "DK_PART": "*fp32", "DV_PART": "*fp32"}
+            "DV": "*fp16", "LSE": "*fp32", "DELTA": "*fp32", "PART": "*fp32"}
 dims = dict(HEAD_D=64, HEAD_DV=64, BLOCK_D=64, BLOCK_DV=64)
 flags = dict(PATCH_SEES_SUMMARY=True, GLOBAL_SEES_ALL=True)
-for kernel in (F._patch_fwd, F._summary_fwd, F._global_fwd_split, F._global_fwd_merge, B._bwd_delta,
-               B._patch_bwd, B._summary_bwd_dq, B._summary_bwd_dkv, B._global_bwd_split, B._global_bwd_merge):
-    fn = kernel.fn if hasattr(kernel, "configs") else kernel  # unwrap triton.autotune
-    given = dict(K2=9, PREC="tf32", NSPLIT=2, BLOCK=64, **dims, **flags,
-                 **(kernel.configs[0].kwargs if hasattr(kernel, "configs") else {}))
-    consts = {n: given[n] for n in fn.arg_names if n in given}
-    sig = {n: "constexpr" if n in consts else POINTERS.get(n, "fp64" if n.endswith("scale") else
-           "*i64" if n.islower() and ("pack" in n or "slide" in n) else "i32") for n in fn.arg_names}
-    triton.compile(ASTSource(fn, sig, {(fn.arg_names.index(n),): v for n, v in consts.items()}),
-                   target=GPUTarget("cuda", 90, 32))
-    print("compiled", fn.__name__)
+keys = {C.Key(row["arch"] if row["arch"] != "*" else "sm90", 64, 3, 65536) for row in C.table()
+        if row["arch"] in ("*", "sm90")}
+for key in sorted(keys):
+    cfg = C.lookup(key)
+    for kernel, launch in ((F._fwd, "fwd"), (F._fwd_merge, "fwd_merge"), (B._bwd_delta, "bwd_delta"),
+                           (B._bwd, "bwd"), (B._bwd_merge, "bwd_merge")):
+        params = dict(cfg[launch])
+        options = dict(num_warps=params.pop("num_warps"), num_stages=params.pop("num_stages"))
+        params.pop("SPLIT_TOKENS", None)
+        given = dict(K2=9, PREC="tf32", NSPLIT=32, **dims, **flags, **params)
+        consts = {n: given[n] for n in kernel.arg_names if n in given}
+        sig = {n: "constexpr" if n in consts else POINTERS.get(n, "fp64" if n.endswith("scale") else
+               "*i64" if n.islower() and ("pack" in n or "slide" in n) else "i32") for n in kernel.arg_names}
+        triton.compile(ASTSource(kernel, sig, {(kernel.arg_names.index(n),): v for n, v in consts.items()}),
+                       target=GPUTarget("cuda", 90, 32), options=options)
+        print("compiled", kernel.__name__, key)
+print("keys", len(keys))
 """
 
 
@@ -245,7 +255,8 @@ def test_kernels_compile_for_sm90():
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert result.stdout.count("compiled") == 10
+    keys = int(result.stdout.split("keys")[-1])
+    assert keys >= 1 and result.stdout.count("compiled") == 5 * keys
 
 
 @pytest.mark.skipif(ON_GPU or ON_INTERPRETER, reason="kernels already run in this process")
