@@ -102,7 +102,8 @@ def key_of(q: torch.Tensor, pack_size: int) -> Key:
     return Key(arch(q.device), meta.block_d(int(q.shape[-1])), int(pack_size), meta.size_bucket(q.shape[2]))
 
 
-def _check(rows: list, where: str) -> tuple[dict, ...]:
+def check_rows(rows: list, where: str) -> tuple[dict, ...]:
+    """The rows, or a ValueError naming the bad row and what is wrong."""
     complete = False
     for i, row in enumerate(rows):
         name = f"{where}: row {i} ({ {f: row.get(f) for f in FIELDS} })"
@@ -128,7 +129,17 @@ def _check(rows: list, where: str) -> tuple[dict, ...]:
 @functools.cache
 def table(path: str = str(TABLE)) -> tuple[dict, ...]:
     """The table's rows, checked (read once per process)."""
-    return _check(json.loads(Path(path).read_text())["rows"], path)
+    return check_rows(json.loads(Path(path).read_text())["rows"], path)
+
+
+def dumps(doc: dict) -> str:
+    """The table as JSON text: one line per launch of each row."""
+    rows = []
+    for r in doc["rows"]:
+        head = ", ".join(f"{json.dumps(f)}: {json.dumps(r[f])}" for f in (*FIELDS, "source") if f in r)
+        launches = ",\n".join(f"    {json.dumps(l)}: {json.dumps(p)}" for l, p in r["configs"].items())
+        rows.append(f"  {{{head},\n   \"configs\": {{\n{launches}\n   }}}}")
+    return "{\n \"about\": " + json.dumps(doc["about"]) + ",\n \"rows\": [\n" + ",\n".join(rows) + "\n ]\n}\n"
 
 
 @functools.cache
@@ -178,12 +189,13 @@ def bench_ms(fn) -> float:
     return do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def tune(cfg: dict, knob_list, run: Callable[[dict], object], bench: Callable = bench_ms) -> dict:
-    """Coordinate descent: each knob in turn takes its fastest candidate, the others held.
+def tune(cfg: dict, knob_list, run: Callable[[dict], object], bench: Callable | None = None) -> dict:
+    """Coordinate descent: each knob in turn takes its fastest candidate (bench(fn) -> ms), the others held.
 
     A candidate that does not fit the GPU (OutOfResources) is skipped.
     """
     from triton.runtime.errors import OutOfResources
+    bench = bench or bench_ms
     cfg = copy.deepcopy(cfg)
     for knob in knob_list:
         timed = []
