@@ -1,8 +1,8 @@
 """Multi-process pieces of the trainer: FSDP2 sharding and its undoing, DCP checkpoints, per-rank RNG states.
 
-``--dist fsdp`` under torchrun: ``Sharding`` calls ``fully_shard`` on each unit (an encoder block, an LLM decoder layer),
-then on the root; ``unshard`` gathers the full weights back into plain parameters after training, so rank 0 alone
-can evaluate and save the model as after a single-process run.
+``--dist fsdp`` under torchrun: ``Sharding`` calls ``fully_shard`` on each unit (an encoder block, an LLM decoder
+layer), then on the root; ``unshard`` gathers the full weights back into plain parameters after training, so rank 0
+alone can evaluate and save the model as after a single-process run.
 
 A DCP checkpoint is a directory: the shards and ``.metadata`` DCP writes (one ``__<rank>_0.distcp`` per rank), and
 TRAIN_STATE, which rank 0 writes beside them: step, history, RNG of every rank, run_config, scheduler, the

@@ -66,7 +66,7 @@ class TrainConfig:
     clip: float = option(1.0, "grad-norm clip, 0 = off", check=NON_NEGATIVE)
     ckpt_every: int = option(50, "checkpoint every N steps (and at the end)", check=POSITIVE)
     seed: int = option(0, "seed of the weights, data order and dropout", check=NON_NEGATIVE)
-    resume: bool = option(False, "continue exactly from OUT/checkpoint.pt")
+    resume: bool = option(False, "continue exactly from OUT/checkpoint.pt (--dist fsdp: OUT/checkpoint.dcp)")
     overwrite: bool = option(False, "replace the run in OUT (deletes its checkpoint, metrics and model files)")
     allow_changed: list[str] = option([], "with --resume: accept these changed settings, e.g. lr,steps")
     bf16: bool = option(True, "bf16 autocast on CUDA")
@@ -168,8 +168,9 @@ def prepare_output(cfg: TrainConfig, rank: int = 0) -> Path:
     found = [name for name in RUN_FILES if (out / name).exists()]
     if cfg.resume and _checkpoint_of(out, cfg.dist) is None:
         other = next((d for d in DIST if d != cfg.dist and _checkpoint_of(out, d)), None)
-        hint = f"; OUT holds {DIST[other]} of a --dist {other} run: resume with --dist {other}" if other else ""
-        raise FileNotFoundError(f"--resume: no checkpoint at {out / DIST[cfg.dist]}{hint or '; run without --resume to start'}")
+        fix = (f"OUT holds {DIST[other]} of a --dist {other} run: resume with --dist {other}" if other
+               else "run without --resume to start")
+        raise FileNotFoundError(f"--resume: no checkpoint at {out / DIST[cfg.dist]}; {fix}")
     if found and not (cfg.resume or cfg.overwrite):
         raise FileExistsError(f"--out {out} already holds a run ({', '.join(found)}): pass --resume to continue it "
                               f"or --overwrite to replace it")
@@ -412,11 +413,6 @@ def run_training(cfg: TrainConfig, model: nn.Module, loss_fn, make_batch, *, run
         elif rank == 0:
             atomic_save({"model": bare.state_dict(), "optimizer": opt.state_dict(), **state}, ckpt_path)
 
-    def grad_sync(sync: bool):
-        if world == 1 or sync:
-            return nullcontext()
-        return model.no_sync() if not fsdp else nullcontext()
-
     bar = progress(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, bar=cfg.progress,
                    disable=rank != 0)
     model.train()
@@ -428,7 +424,7 @@ def run_training(cfg: TrainConfig, model: nn.Module, loss_fn, make_batch, *, run
             sync = micro == cfg.grad_accum - 1
             if sharding is not None:
                 model.set_requires_gradient_sync(sync)
-            with autocast, grad_sync(sync):
+            with autocast, (model.no_sync() if world > 1 and not (fsdp or sync) else nullcontext()):
                 loss, metrics = loss_fn(model, batch, step)
                 (loss / cfg.grad_accum).backward()
             for k, v in {"loss": float(loss.detach()), **metrics}.items():

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-TOL = dict(rel=2e-4, abs=1e-6)  # float32 gradients summed in another order, a few AdamW steps later
+# float32 gradients summed in another order (measured: <= 1e-7 relative after 4 AdamW steps), 100x margin
+TOL = dict(rel=1e-5, abs=1e-8)
 TINY_PRETRAIN = dict(dim=16, depth=2, heads=2, mlp_dim=32, dropout=0.0, dec_dim=16, dec_heads=2, max_patches=40,
                      slides_per_step=2, eval_crops=1, queue=64, lr=3e-3, threads=1, steps=4, ckpt_every=2)
 FINETUNE_LR = 3e-4
@@ -348,10 +349,14 @@ def test_dcp_metadata_is_read_without_running_its_code(tmp_path):
     assert EXECUTED == []
 
 
-def test_resume_with_the_other_dist_names_it(tmp_path):
+def test_resume_with_the_other_dist_names_it_and_overwrite_replaces(tmp_path):
     toy_run(tmp_path, stop_after=2)
-    with pytest.raises(FileNotFoundError, match="checkpoint.pt.*holds checkpoint.dcp of a --dist fsdp run.*--dist fsdp"):
+    with pytest.raises(FileNotFoundError, match="checkpoint.pt; OUT holds checkpoint.dcp of a --dist fsdp run"):
         toy_run(tmp_path, resume=True, dist="ddp")
+    with pytest.raises(FileExistsError, match="checkpoint.dcp.*--overwrite"):
+        toy_run(tmp_path, dist="ddp")
+    toy_run(tmp_path, dist="ddp", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
 
 # ---- the worker --------------------------------------------------------------------------------------
@@ -373,8 +378,9 @@ def _worker(spec: dict) -> None:
                 return
         elif event not in WRITE_EVENTS:
             return
-        paths = [str(a) for a in args[:2] if isinstance(a, (str, os.PathLike))]
-        wrote.extend(p for p in paths if os.path.abspath(p).startswith(root) and "/cache" not in p)
+        paths = [os.path.abspath(a) for a in args[:2] if isinstance(a, (str, os.PathLike))]
+        # the summary cache (model/summaries.py, outside OUT) is not the trainer's: every rank writes it
+        wrote.extend(p for p in paths if p.startswith(root) and not p.startswith(os.environ["TOPOPACK_CACHE"]))
 
     dist.destroy_process_group = lambda *a, **k: None  # one process group for all runs (pretrain ends its own)
     sys.addaudithook(audit)
