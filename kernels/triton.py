@@ -1,11 +1,12 @@
 """Triton topo-pack attention: autograd, torch.library ops for torch.compile, and the public function.
 
 Layers (fla-org style): ``triton_fwd`` / ``triton_bwd`` hold the jit kernels and their
-launchers; ``_Attention`` (autograd.Function) joins them. Eager calls launch the kernels
-directly from it (no custom-op dispatch, no wrap_triton: microseconds of host time);
-under torch.compile it calls ``topopack::attn_fwd`` / ``topopack::attn_bwd``,
-``torch.library.triton_op``s whose launches go through wrap_triton, so the kernels are
-traced into the graph (no graph break). ``triton_attention`` validates and dispatches.
+launchers; eager calls reach them through ``_Attention`` (autograd.Function: no custom-op
+dispatch, no wrap_triton, the kernels launched directly); under torch.compile
+``topopack::attn_fwd`` / ``topopack::attn_bwd`` (``torch.library.triton_op``s joined by
+``register_autograd``) wrap the same launchers, whose launches then go through
+wrap_triton, so the kernels are traced into the graph (no graph break).
+``triton_attention`` validates and dispatches.
 The layout's tensors are arguments, the rules become two bool flags.
 """
 from __future__ import annotations
@@ -63,17 +64,33 @@ if meta.INTERPRET:
         return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
+def _setup_context(ctx, inputs, output):
+    q, k, v, *lay = inputs[:9]
+    ctx.save_for_backward(q, k, v, output[0], output[1], *lay)
+    ctx.rest = inputs[9:]  # pack_size, scale, flags, autotune
+
+
+def _backward(ctx, d_out, d_lse):
+    q, k, v, o, lse, *lay = ctx.saved_tensors
+    # lse is an auxiliary output for backward; its gradient is not propagated
+    dq, dk, dv = attn_bwd(d_out, q, k, v, o, lse, *lay, *ctx.rest)
+    return (dq, dk, dv) + (None,) * (len(lay) + len(ctx.rest))
+
+
+attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
 class _Attention(torch.autograd.Function):
-    """args: the six layout tensors, then pack_size, scale, patch_sees_summary, global_sees_all, autotune."""
+    """Eager calls: the launchers directly, without the ops' dispatch (~50 us a call on the host).
+
+    args: the six layout tensors, then pack_size, scale, patch_sees_summary, global_sees_all, autotune.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, *args):
         lay, (pack_size, scale, patch_sees_summary, global_sees_all, autotune) = args[:6], args[6:]
-        if torch.compiler.is_compiling():
-            o, lse = attn_fwd(q, k, v, *args)
-        else:
-            o, lse = attention_fwd(q, k, v, meta.LayoutArgs(*lay), scale,
-                                   meta.MaskFlags(patch_sees_summary, global_sees_all), pack_size, autotune)
+        o, lse = attention_fwd(q, k, v, meta.LayoutArgs(*lay), scale,
+                               meta.MaskFlags(patch_sees_summary, global_sees_all), pack_size, autotune)
         ctx.save_for_backward(q, k, v, o, lse, *lay)
         ctx.args = args[6:]
         return o
@@ -82,11 +99,8 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse, *lay = ctx.saved_tensors
         pack_size, scale, patch_sees_summary, global_sees_all, autotune = ctx.args
-        if torch.compiler.is_compiling():
-            dq, dk, dv = attn_bwd(do, q, k, v, o, lse, *lay, *ctx.args)
-        else:
-            dq, dk, dv = attention_bwd(do, q, k, v, o, lse, meta.LayoutArgs(*lay), scale,
-                                       meta.MaskFlags(patch_sees_summary, global_sees_all), pack_size, autotune)
+        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, meta.LayoutArgs(*lay), scale,
+                                   meta.MaskFlags(patch_sees_summary, global_sees_all), pack_size, autotune)
         return (dq, dk, dv) + (None,) * (len(lay) + len(ctx.args))
 
 
@@ -113,5 +127,8 @@ def triton_attention(q, k, v, layout: TopoLayout, rules: TopoRules, scale: float
     meta.block_d(q.shape[-1]), meta.block_d(v.shape[-1])  # head-dim check with a clear error
     flags = meta.MaskFlags.from_rules(rules)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _Attention.apply(q, k, v, *meta.LayoutArgs.of(layout), layout.pack_size, scale,
-                            flags.patch_sees_summary, flags.global_sees_all, configs.autotune_requested(autotune))
+    args = (*meta.LayoutArgs.of(layout), layout.pack_size, scale, flags.patch_sees_summary, flags.global_sees_all,
+            configs.autotune_requested(autotune))
+    if torch.compiler.is_compiling():  # dynamo cannot trace an autograd.Function given one tensor twice (q is k)
+        return attn_fwd(q, k, v, *args)[0]
+    return _Attention.apply(q, k, v, *args)

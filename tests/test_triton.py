@@ -5,10 +5,13 @@ fp32). TRITON_INTERPRET must be set before the kernels are decorated, i.e.
 before topopack.kernels.triton is first imported; if another test file in this
 process imported them first without it, the file re-runs itself in a subprocess.
 """
+import contextlib
 import copy
+import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import torch
 
@@ -67,13 +70,82 @@ def assert_matches(layout, rules, q, k, v, tol=2e-4, scale=None):
         torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol, msg=lambda m: f"d{name}: {m}")
 
 
-@needs_interpreter  # on a GPU each (head_dim, pack_size, rules) draw compiles ~10 kernels
+@needs_interpreter  # on a GPU each (head_dim, pack_size, rules) draw compiles ~5 kernels
 @settings(max_examples=25)
-@given(layouts(max_slides=3, max_side=6), RULES, st.sampled_from([16, 32, 64]), st.integers(1, 2),
+@given(layouts(max_slides=3, max_side=6), RULES, st.sampled_from([16, 24, 32, 64, 128]), st.integers(1, 2),
        st.integers(1, 2), st.integers(0, 2**16))
 def test_matches_reference(case, rules, d, b, h, seed):
     layout = case[0].to(DEVICE)
     assert_matches(layout, rules, *qkv(layout, b=b, h=h, d=d, seed=seed))
+
+
+def resolved(row: dict) -> dict:
+    """The configs a table row gives: the row merged onto the rows more general than it."""
+    unnamed = dict(arch="x", head_dim=0, pack_size=0, size=0)  # matches '*' only
+    return configs.lookup(configs.Key(**{f: unnamed[f] if row[f] == configs.ANY else row[f] for f in configs.FIELDS}))
+
+
+def table_configs() -> dict:
+    """Every distinct config of the table, by the key of its row."""
+    out = {}
+    for row in configs.table():
+        out.setdefault(json.dumps(resolved(row), sort_keys=True), "-".join(str(row[f]) for f in configs.FIELDS))
+    return {name: json.loads(cfg) for cfg, name in out.items()}
+
+
+def candidate_configs() -> dict:
+    """The '*' row with each tuning candidate the interpreter can tell apart (it ignores num_warps, num_stages)."""
+    def seen(cfg):
+        return json.dumps({launch: {n: v for n, v in params.items() if n not in ("num_warps", "num_stages")}
+                           for launch, params in cfg.items()}, sort_keys=True)
+
+    base = resolved(next(r for r in configs.table() if all(r[f] == configs.ANY for f in configs.FIELDS)))
+    out = {seen(base): None}
+    for knob in configs.KNOBS:
+        for values in knob.values:
+            cfg = copy.deepcopy(base)
+            cfg[knob.launch].update(zip(knob.names, values))
+            out.setdefault(seen(cfg), (knob.launch + "-" + "-".join(f"{n}{v}" for n, v in zip(knob.names, values)),
+                                       cfg))
+    return dict(v for v in out.values() if v)
+
+
+@contextlib.contextmanager
+def forced(cfg: dict):
+    """Every call in the block runs with these configs (a fixture would upset hypothesis)."""
+    configs.FORCED = cfg
+    try:
+        yield
+    finally:
+        configs.FORCED = None
+
+
+TABLE_CONFIGS = table_configs()
+
+
+@needs_interpreter  # on a GPU the tests run its arch's rows
+@pytest.mark.parametrize("cfg", list(TABLE_CONFIGS.values()), ids=list(TABLE_CONFIGS))
+@settings(max_examples=8)
+@given(layouts(max_slides=3, max_side=5), RULES, st.sampled_from([16, 32, 64, 128]), st.integers(0, 2**16))
+def test_every_table_config_matches_reference(cfg, case, rules, d, seed):
+    """Each row of the table, for every arch, forced on the interpreter: holes, ragged packs, k 1-4, several slides."""
+    layout = case[0].to(DEVICE)
+    with forced(cfg):
+        assert_matches(layout, rules, *qkv(layout, b=1, h=2, d=d, seed=seed))
+
+
+CANDIDATES = candidate_configs()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("cfg", list(CANDIDATES.values()), ids=list(CANDIDATES))
+def test_every_tuning_candidate_matches_reference(cfg):
+    """What benchmarks/tune_triton.py may write into the table is exact: every candidate, both rules."""
+    holes = TopoLayout.from_coords([[x, y] for x in range(7) for y in range(5) if (x * 3 + y) % 4], 1, 3)
+    for rules, layout in ((BIDIRECTIONAL, TopoLayout.cat([TopoLayout.from_grid(5, 4, 3), holes])),
+                          (PAPER, TopoLayout.cat([TopoLayout.from_grid(6, 9, 4), TopoLayout.from_grid(3, 2, 4)]))):
+        with forced(cfg):
+            assert_matches(layout.to(DEVICE), rules, *qkv(layout, b=1, h=2, d=32, seed=len(cfg)))
 
 
 @needs_kernels
@@ -156,6 +228,115 @@ def test_module_compiles_without_graph_break():
     gx, = torch.autograd.grad(out.sum(), x)
     wx, = torch.autograd.grad(want.sum(), x)
     torch.testing.assert_close(gx, wx, rtol=1e-5, atol=1e-5)
+
+
+@contextlib.contextmanager
+def launched():
+    """The names of the kernels launched in the block (the interpreter's run, or Triton's launch hook)."""
+    names = []
+    if ON_INTERPRETER:
+        from triton.runtime.interpreter import InterpretedFunction
+        run = InterpretedFunction.run
+
+        def counted(self, *args, **kwargs):
+            names.append(self.__name__)
+            return run(self, *args, **kwargs)
+
+        with mock.patch.object(InterpretedFunction, "run", counted):
+            yield names
+    else:
+        from triton import knobs
+
+        def hook(metadata):
+            names.append(metadata.data["name"])
+
+        knobs.runtime.launch_enter_hook.add(hook)
+        try:
+            yield names
+        finally:
+            knobs.runtime.launch_enter_hook.remove(hook)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rules, forward, backward", [(PAPER, ["_fwd"], ["_bwd_delta", "_bwd", "_bwd_merge"]),
+                                                      (BIDIRECTIONAL, ["_fwd", "_fwd_merge"],
+                                                       ["_bwd_delta", "_bwd", "_bwd_merge"])],
+                         ids=["paper", "bidirectional"])
+def test_launch_counts(rules, forward, backward):
+    """One eager forward is 1 launch under PAPER (the global row folded in), 2 under BIDIRECTIONAL; the backward 3.
+
+    v1 launched 4 and 10 (forward, forward+backward) under both rule sets.
+    """
+    layout = TopoLayout.cat([TopoLayout.from_grid(4, 5, 2), TopoLayout.from_grid(3, 3, 2)]).to(DEVICE)
+    q, k, v = qkv(layout)
+    with launched() as names:
+        out = topo_pack_attention(q, k, v, layout, rules=rules, backend="triton")
+    assert names == forward
+    with launched() as names:
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert names == backward
+
+
+@needs_kernels
+@pytest.mark.parametrize("rules", [PAPER, BIDIRECTIONAL], ids=lambda r: r.name)
+def test_compiled_does_not_recompile_for_new_slide_lengths(rules):
+    """torch.compile(fullgraph=True, dynamic=True): three slide lengths (one size bucket), one frame, exact grads."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager" if ON_INTERPRETER else "inductor")
+
+    def attend(q, k, v, layout):
+        return topo_pack_attention(q, k, v, layout, rules=rules, backend="triton")
+
+    compiled = torch.compile(attend, fullgraph=True, dynamic=True, backend=counter)
+    sides = [(4, 5), (6, 3), (7, 7)]
+    layouts_ = [TopoLayout.cat([TopoLayout.from_grid(h, w, 2), TopoLayout.from_grid(3, 2, 2)]).to(DEVICE)
+                for h, w in sides]
+    assert len({lay.num_tokens for lay in layouts_}) == 3
+    assert len({meta.size_bucket(lay.num_tokens) for lay in layouts_}) == 1
+    for i, layout in enumerate(layouts_):
+        q, k, v = qkv(layout, seed=i)
+        out = compiled(q, k, v, layout)
+        ref = reference(q.double(), k.double(), v.double(), layout, rules)
+        torch.testing.assert_close(out.double(), ref, rtol=2e-4, atol=2e-4)
+        grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64).to(DEVICE)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), grad.to(out.dtype)),
+                        torch.autograd.grad(ref, (q, k, v), grad)):
+            torch.testing.assert_close(a.double(), b.double(), rtol=2e-4, atol=2e-4)
+    assert counter.frame_count == 1
+
+
+@needs_kernels
+def test_compiled_takes_one_tensor_as_q_k_and_v():
+    """Dynamo cannot trace an autograd.Function given one tensor twice: the compiled path must not use one."""
+    torch._dynamo.reset()
+    layout = TopoLayout.cat([TopoLayout.from_grid(3, 4, 2), TopoLayout.from_grid(2, 2, 2)]).to(DEVICE)
+    x, = qkv(layout)[:1]
+    compiled = torch.compile(lambda x: topo_pack_attention(x, x, x, layout, backend="triton"), fullgraph=True,
+                             backend="eager" if ON_INTERPRETER else "inductor")
+    out = compiled(x)
+    ref = reference(x.double(), x.double(), x.double(), layout, PAPER)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-4, atol=2e-4)
+    got, = torch.autograd.grad(out, x, torch.ones_like(out))
+    want, = torch.autograd.grad(ref, x, torch.ones_like(ref))
+    torch.testing.assert_close(got.double(), want.double(), rtol=2e-4, atol=2e-4)
+
+
+@needs_gpu
+def test_new_slide_length_in_a_bucket_compiles_no_kernel():
+    """The size bucket, not the slide length, picks the constexprs: a second and third length reuse the binaries."""
+    from topopack.kernels import triton_bwd as B, triton_fwd as F
+    kernels = (F._fwd, F._fwd_merge, B._bwd_delta, B._bwd, B._bwd_merge)
+    binaries = []
+    for side in (30, 41, 57):
+        layout = TopoLayout.cat([TopoLayout.from_grid(side, side + 3, 3), TopoLayout.from_grid(9, 7, 3)]).to(DEVICE)
+        assert meta.size_bucket(layout.num_tokens) == meta.MIN_SIZE_BUCKET
+        q, k, v = qkv(layout, b=1, h=4, d=64, dtype=torch.bfloat16)
+        for rules in (PAPER, BIDIRECTIONAL):
+            out = topo_pack_attention(q, k, v, layout, rules=rules, backend="triton")
+            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        binaries.append(sum(len(cache[0]) for kernel in kernels for cache in kernel.device_caches.values()))
+    assert binaries[0] == binaries[1] == binaries[2]
 
 
 @needs_kernels
