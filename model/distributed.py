@@ -200,26 +200,33 @@ def check_dcp(path: Path, files: dict, start_over: str) -> None:
         if (path / name).stat().st_size != size or _crc(path / name) != crc:
             raise ValueError(f"{path / name}: checksum mismatch, the file is damaged; {start_over}")
     try:
-        with open(path / ".metadata", "rb") as f:
-            meta = _MetadataUnpickler(f).load()
+        stored = _stored(path)
     except Exception as e:
         raise ValueError(f"{path / '.metadata'}: cannot be loaded safely ({e}); {start_over}") from None
-    if not all(isinstance(v, TensorStorageMetadata) for v in meta.state_dict_metadata.values()):
+    if not all(isinstance(v, TensorStorageMetadata) for v in stored.values()):
         raise ValueError(f"{path}: holds non-tensor values, which DCP would unpickle; {start_over}")
+
+
+def _stored(path: Path) -> dict:
+    """{flat key: metadata} of the tensors of the checkpoint at ``path``, read with _MetadataUnpickler."""
+    with open(path / ".metadata", "rb") as f:
+        return _MetadataUnpickler(f).load().state_dict_metadata
 
 
 def load_dcp(path: Path, model: nn.Module, opt, param_groups: list) -> None:
     """Model and optimiser state from the checkpoint at ``path``, resharded to this world size (checked first
-    with check_dcp)."""
+    with check_dcp). A parameter without optimiser state in the checkpoint (no gradient yet) gets none."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-    msd, osd = get_state_dict(model, opt)
+    msd, osd = get_state_dict(model, opt)  # a fresh optimiser gets state for every parameter here
+    stored = _stored(path)
+    ostate = {fqn: s for fqn, s in osd["state"].items() if all(f"optim.{fqn}.{k}" in stored for k in s)}
     try:
         with _single_process_is_fine():
-            dcp.load({"model": msd, "optim": osd["state"]}, checkpoint_id=path)
+            dcp.load({"model": msd, "optim": ostate}, checkpoint_id=path)
     except Exception as e:  # DCP names missing keys and wrong sizes
         raise ValueError(f"{path}: its weights do not fit this model ({str(e).splitlines()[0][:300]}); resume with "
                          f"the checkpoint's architecture") from None
-    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict={"state": osd["state"],
-                                                                       "param_groups": param_groups})
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict={"state": ostate, "param_groups": param_groups},
+                   options=StateDictOptions(strict=False))  # dcp.load above refused missing weights

@@ -134,7 +134,7 @@ def world(tmp_path_factory):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_fsdp_finetune(world, monkeypatch):
+def test_fsdp_finetune_matches_one_process_resumes_exactly_and_only_rank0_writes(world, monkeypatch):
     root, data, enc = world
     monkeypatch.setenv("TOPOPACK_CACHE", str(root / "cache"))
     base = {"data": str(data), "encoder": str(enc)}
@@ -179,8 +179,9 @@ def slides(tmp_path_factory):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_fsdp_pretrain(slides, tmp_path):
+def test_fsdp_pretrain_matches_one_process_resumes_exactly_and_only_rank0_writes(slides, tmp_path):
     from topopack.model.encoder import load_encoder
+    from topopack.model.moco import MoCoConfig
 
     d = {name: tmp_path / name for name in ("moco", "cut", "cut_1", "one", "mae", "mae_one")}
     moco = {"data": str(slides), "kw": {"stage": "moco"}}
@@ -203,7 +204,7 @@ def test_fsdp_pretrain(slides, tmp_path):
     # rank 0's encoder.pt holds the full trained encoder; MoCo's queue got the keys of both ranks, in rank order
     assert_weights_agree(*(load_encoder(d[k] / "encoder.pt").state_dict() for k in ("moco", "one")),
                          TINY_PRETRAIN["lr"])
-    qa, qb = (dcp_tensors(d[k], {"model.queue": (TINY_PRETRAIN["queue"], 128), "model.queue_ptr": ()})
+    qa, qb = (dcp_tensors(d[k], {"model.queue": (TINY_PRETRAIN["queue"], MoCoConfig.proj_dim), "model.queue_ptr": ()})
               for k in ("moco", "one"))
     assert int(qa["model.queue_ptr"]) == int(qb["model.queue_ptr"]) > 0
     torch.testing.assert_close(qa["model.queue"], qb["model.queue"], rtol=1e-3, atol=1e-5)
@@ -249,13 +250,38 @@ def test_shard_units():
 
 
 # ---- DCP checkpoints in one process (--dist fsdp) ---------------------------------------------------
-def toy_run(out, *, steps=6, stop_after=None, **kw):
+def toy_run(out, *, steps=6, stop_after=None, model=None, loss=None, **kw):
     from test_trainer import Toy, loss_fn, make_batch
     from topopack.model.trainer import TrainConfig, run_training
 
     torch.manual_seed(0)
     cfg = TrainConfig(out=str(out), steps=steps, lr=1e-2, ckpt_every=2, dist=kw.pop("dist", "fsdp"), **kw)
-    return run_training(cfg, Toy(), loss_fn, make_batch, run_config={"model": "toy"}, stop_after=stop_after)
+    return run_training(cfg, model or Toy(), loss or loss_fn, make_batch, run_config={"model": "toy"},
+                        stop_after=stop_after)
+
+
+def test_a_parameter_without_gradient_resumes_without_optimiser_state(tmp_path):
+    """A trainable parameter no step has used yet (the blind control's Q-Former) has no AdamW state in the
+    checkpoint and gets none on resume: it first trains after the resume point exactly as in the uninterrupted
+    run (with state made up at loading, its step count and so its bias correction would be off)."""
+    from test_trainer import Toy
+
+    def toy():
+        torch.manual_seed(0)
+        model = Toy()
+        model.late = torch.nn.Linear(8, 1)
+        return model
+
+    def loss(model, batch, step):
+        extra = model.late(batch[0]).square().mean() if step >= 4 else 0.0
+        return model(batch) + extra, {}
+
+    full_model, resumed = toy(), toy()
+    toy_run(tmp_path / "full", model=full_model, loss=loss)
+    toy_run(tmp_path / "cut", model=toy(), loss=loss, stop_after=3)
+    toy_run(tmp_path / "cut", model=resumed, loss=loss, resume=True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    assert torch.equal(full_model.late.weight, resumed.late.weight)
 
 
 def test_a_save_killed_half_way_never_counts(tmp_path, monkeypatch):
@@ -382,7 +408,8 @@ def _worker(spec: dict) -> None:
         # the summary cache (model/summaries.py, outside OUT) is not the trainer's: every rank writes it
         wrote.extend(p for p in paths if p.startswith(root) and not p.startswith(os.environ["TOPOPACK_CACHE"]))
 
-    dist.destroy_process_group = lambda *a, **k: None  # one process group for all runs (pretrain ends its own)
+    # one process group for all runs: pretrain ends its own, and a gloo group made a third time in a process hangs
+    dist.destroy_process_group = lambda *a, **k: None
     sys.addaudithook(audit)
     for run in spec["runs"]:
         if "copy" in run:
@@ -391,7 +418,10 @@ def _worker(spec: dict) -> None:
             dist.barrier()
             continue
         run_one(spec["kind"], run)
-    print(f"WRITES {rank} {json.dumps(sorted(set(wrote)))}", flush=True)
+    for r in range(dist.get_world_size()):  # one at a time: long lines from two processes interleave
+        if r == rank:
+            print(f"WRITES {rank} {json.dumps(sorted(set(wrote)))}", flush=True)
+        dist.barrier()
 
 
 if __name__ == "__main__":
