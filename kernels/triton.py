@@ -125,7 +125,7 @@ def triton_attention(q, k, v, layout: TopoLayout, rules: TopoRules, scale: float
         raise ValueError(f"triton backend: {q.dtype} on the CPU interpreter gives wrong results (its tl.dot); "
                          "use float32, or backend='portable' for half precision on the CPU")
     meta.block_d(q.shape[-1]), meta.block_d(v.shape[-1])  # head-dim check with a clear error
-    flags = meta.MaskFlags.from_rules(rules)
+    flags = meta.MaskFlags.from_rules(rules) if torch.compiler.is_compiling() else meta.MaskFlags.of(rules)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     args = (*meta.LayoutArgs.of(layout), layout.pack_size, scale, flags.patch_sees_summary, flags.global_sees_all,
             configs.autotune_requested(autotune))

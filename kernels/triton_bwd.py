@@ -402,10 +402,10 @@ def attention_bwd(do, q, k, v, o, lse, lay: meta.LayoutArgs, scale: float, flags
     delta = meta.new_buffer((b, h, n_tok), torch.float32, q.device)
     part = meta.new_buffer((b * h * s * nsplit * (2 * bd + bdv),), torch.float32, q.device)  # [dq, dk, dv]
 
-    meta.launch(_bwd_delta, (triton.cdiv(n_tok, cfg["bwd_delta"]["BLOCK"]), b * h), cfg["bwd_delta"],
+    meta.launch(_bwd_delta, (meta.cdiv(n_tok, cfg["bwd_delta"]["BLOCK"]), b * h), cfg["bwd_delta"],
                 o, do, delta, *meta.strides(o), *meta.strides(do), h, n_tok, HEAD_DV=dv, BLOCK_DV=bdv)
-    n_programs = (triton.cdiv(p, bwd["SUMMARY_DKV_BLOCK_N"]) + triton.cdiv(p, bwd["SUMMARY_DQ_BLOCK_M"])
-                  + s * nsplit + triton.cdiv(p, bwd["PATCH_BLOCK_M"] // k2))
+    n_programs = (meta.cdiv(p, bwd["SUMMARY_DKV_BLOCK_N"]) + meta.cdiv(p, bwd["SUMMARY_DQ_BLOCK_M"])
+                  + s * nsplit + meta.cdiv(p, bwd["PATCH_BLOCK_M"] // k2))
     meta.launch(_bwd, (n_programs, b * h), bwd,
                 q, k, v, do, lse, delta, dq, dk, dvv, part, lay.pack_patch_start, lay.pack_patch_count,
                 lay.pack_summary_token, lay.pack_slide, lay.slide_token_start, lay.slide_pack_start,

@@ -343,7 +343,7 @@ def attention_fwd(q, k, v, lay: meta.LayoutArgs, scale: float, flags: meta.MaskF
     bd, bdv = meta.block_d(d), meta.block_d(dv)
     o = meta.new_buffer((b, h, n_tok, dv), q.dtype, q.device)
     lse = meta.new_buffer((b, h, n_tok), torch.float32, q.device)
-    n_programs = triton.cdiv(p, fwd["SUMMARY_BLOCK_M"]) + triton.cdiv(p, fwd["PATCH_BLOCK_M"] // k2)
+    n_programs = meta.cdiv(p, fwd["SUMMARY_BLOCK_M"]) + meta.cdiv(p, fwd["PATCH_BLOCK_M"] // k2)
     nsplit, part = 1, lse  # PAPER: no global splits
     if flags.global_sees_all:
         nsplit = meta.num_splits(meta.size_bucket(n_tok), split_tokens)

@@ -6,11 +6,11 @@ slide size never changes a compile-time constant except through its size bucket.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import triton
 from torch.library import wrap_triton
 from triton import knobs
 
@@ -67,6 +67,12 @@ class MaskFlags:
         return cls(patch_sees_summary=KeyGroup.PACK_SUMMARY in groups[PATCH],
                    global_sees_all=KeyGroup.SLIDE_ALL in groups[GLOBAL])
 
+    @staticmethod
+    @functools.cache
+    def of(rules: TopoRules) -> "MaskFlags":
+        """from_rules, memoised (eager calls; dynamo warns on functools caches, so compiled code uses from_rules)."""
+        return MaskFlags.from_rules(rules)
+
     def constexprs(self) -> dict:
         return dict(PATCH_SEES_SUMMARY=self.patch_sees_summary, GLOBAL_SEES_ALL=self.global_sees_all)
 
@@ -75,7 +81,12 @@ def block_d(d: int) -> int:
     """Head-dim tile: the next power of two, at least 16 (tl.dot's minimum); the pad is masked."""
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"triton backend: head_dim must be 1..{MAX_HEAD_DIM}, got {d}")
-    return max(16, triton.next_power_of_2(d))
+    return max(16, 1 << (int(d) - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    """triton.cdiv without its constexpr wrapper (microseconds a call on the host)."""
+    return (a + b - 1) // b
 
 
 def size_bucket(num_tokens: int) -> int:
