@@ -124,7 +124,10 @@ def _run(fcfg: FinetuneConfig, cfg, qformer_cfg: QFormerConfig, tiny: TinyLlamaC
     encoder = load_encoder(fcfg.encoder)
     # a shared cache must hold this encoder's summaries
     cache = cache or SummaryCache(encoder, fcfg.device, patch_size=fcfg.patch_size, cache_dir=user_cache_dir())
-    cache.encode_all(r["slide"] for r in records)
+    if rank == 0:  # one process encodes and writes the cache; the others read it
+        cache.encode_all(r["slide"] for r in records)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
     vlm, meta = build_model(fcfg.stage, encoder, texts, llm_path=fcfg.llm, init=fcfg.init, blind=fcfg.blind,
                             qformer_cfg=qformer_cfg, tiny=tiny, lora=lora, seed=cfg.seed, out=cfg.out,
                             memory_dim=cache.memory_dim({r["slide"] for r in records}), write=rank == 0,

@@ -49,7 +49,8 @@ METRICS = "metrics.json"
 RUN_FILES = (CHECKPOINT, DCP_CHECKPOINT, DCP_CHECKPOINT + ".prev", METRICS, "encoder.pt", "model.json")
 DIST = {"ddp": CHECKPOINT, "fsdp": DCP_CHECKPOINT}  # strategy -> its checkpoint
 # run_config fields that may differ on --resume
-FREE_ON_RESUME = frozenset({"out", "resume", "overwrite", "allow_changed", "device", "threads", "progress"})
+FREE_ON_RESUME = frozenset({"out", "resume", "overwrite", "allow_changed", "device", "threads", "progress",
+                            "workers"})
 START_OVER = "delete it or pass --overwrite to start over"
 
 

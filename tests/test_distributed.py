@@ -405,8 +405,7 @@ def _worker(spec: dict) -> None:
         elif event not in WRITE_EVENTS:
             return
         paths = [os.path.abspath(a) for a in args[:2] if isinstance(a, (str, os.PathLike))]
-        # the summary cache (model/summaries.py, outside OUT) is not the trainer's: every rank writes it
-        wrote.extend(p for p in paths if p.startswith(root) and not p.startswith(os.environ["TOPOPACK_CACHE"]))
+        wrote.extend(p for p in paths if p.startswith(root))  # the summary cache included: rank 0 fills it
 
     # one process group for all runs: pretrain ends its own, and a gloo group made a third time in a process hangs
     dist.destroy_process_group = lambda *a, **k: None
