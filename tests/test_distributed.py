@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from worlds import EXECUTED, Payload, finetune_world
 
 # float32 gradients summed in another order (measured: <= 1e-7 relative after 4 AdamW steps), 100x margin
 TOL = dict(rel=1e-5, abs=1e-8)
@@ -119,18 +120,7 @@ def assert_rank1_wrote_only_its_shards(writes: list[str], root: Path):
 # ---- finetune ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """test_finetune's world: six small synthetic slides, VQA JSON, a tiny random encoder."""
-    from topopack.model.encoder import SlideEncoder, SlideEncoderConfig, save_encoder
-    from topopack.model.synth import write_synthetic
-    from topopack.model.vqa_data import generate_vqa, write_json
-
-    root = tmp_path_factory.mktemp("dist_ft")
-    slides = write_synthetic(root / "slides", 6, seed=3, min_patches=300, max_patches=420, progress=False)
-    data = root / "data"
-    write_json(data / "vqa_train.json", generate_vqa(slides[:4], 0, per_slide=6, root=data))
-    torch.manual_seed(0)
-    save_encoder(root / "encoder.pt", SlideEncoder(SlideEncoderConfig(in_dim=64, dim=16, depth=1, heads=2, mlp_dim=32)))
-    return root, data, root / "encoder.pt"
+    return finetune_world(tmp_path_factory.mktemp("dist_ft"))
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -325,17 +315,6 @@ def _zero_bytes(path: Path):
     path.write_bytes(bytes(raw))
 
 
-EXECUTED = []
-
-
-def _record(text):
-    EXECUTED.append(text)
-    return {}
-
-
-class Payload:
-    def __reduce__(self):
-        return _record, ("code from the checkpoint ran",)
 
 
 def _unsafe_metadata(path: Path):

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from worlds import finetune_world
 
 from topopack.model.encoder import SlideEncoder, SlideEncoderConfig, load_encoder, save_encoder
 from topopack.model.finetune import finetune
@@ -23,20 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Six small synthetic slides, caption/VQA JSON (train = 4 slides, test = 2), a tiny random encoder."""
-    from topopack.model.vqa_data import generate_captions, generate_vqa, write_json
-    from topopack.model.synth import write_synthetic
-
-    root = tmp_path_factory.mktemp("ft")
-    slides = write_synthetic(root / "slides", 6, seed=3, min_patches=300, max_patches=420, progress=False)
-    data = root / "data"
-    write_json(data / "captions.json", generate_captions(slides[:4], 0, per_slide=3, root=data))
-    write_json(data / "vqa_train.json", generate_vqa(slides[:4], 0, per_slide=6, root=data))
-    write_json(data / "vqa_test.json", generate_vqa(slides[4:], 1, per_slide=6, root=data))
-    torch.manual_seed(0)
-    enc = SlideEncoder(SlideEncoderConfig(in_dim=64, dim=16, depth=1, heads=2, mlp_dim=32))
-    save_encoder(root / "encoder.pt", enc)
-    return root, data, root / "encoder.pt"
+    return finetune_world(tmp_path_factory.mktemp("ft"))
 
 
 def test_stages_eval_and_ask(world, capfd):

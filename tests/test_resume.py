@@ -5,6 +5,7 @@ import zipfile
 
 import pytest
 import torch
+from worlds import EXECUTED, Payload
 
 from test_trainer import Toy, loss_fn, make_batch
 from topopack.model import trainer
@@ -97,17 +98,6 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
     assert state["step"] == 8 and state["run_config"]["width"] == 16
 
 
-EXECUTED = []
-
-
-def _record(text):
-    EXECUTED.append(text)
-    return {}
-
-
-class Payload:
-    def __reduce__(self):
-        return _record, ("code from the checkpoint ran",)
 
 
 def test_resume_never_runs_code_from_the_checkpoint(tmp_path):
