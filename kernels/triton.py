@@ -101,7 +101,22 @@ class _Attention(torch.autograd.Function):
         pack_size, scale, patch_sees_summary, global_sees_all, autotune = ctx.args
         dq, dk, dv = attention_bwd(do, q, k, v, o, lse, meta.LayoutArgs(*lay), scale,
                                    meta.MaskFlags(patch_sees_summary, global_sees_all), pack_size, autotune)
+        if torch.is_grad_enabled():  # create_graph=True: differentiating these grads must fail, as through attn_bwd
+            dq, dk, dv = _NotDifferentiable.apply(dq, dk, dv, do, q, k, v)
         return (dq, dk, dv) + (None,) * (len(lay) + len(ctx.args))
+
+
+class _NotDifferentiable(torch.autograd.Function):
+    """(dq, dk, dv) joined to the backward's inputs by a node that refuses a second derivative."""
+
+    @staticmethod
+    def forward(ctx, dq, dk, dv, *inputs):
+        return dq.view_as(dq), dk.view_as(dk), dv.view_as(dv)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("triton backend: its gradients are not differentiable (no double backward); "
+                           "use backend='portable' for higher derivatives")
 
 
 def triton_attention(q, k, v, layout: TopoLayout, rules: TopoRules, scale: float | None = None, *,

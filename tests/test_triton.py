@@ -340,6 +340,17 @@ def test_new_slide_length_in_a_bucket_compiles_no_kernel():
 
 
 @needs_kernels
+def test_double_backward_is_refused():
+    """The kernels' gradients carry no graph: a second derivative must fail, not silently come out zero."""
+    layout = TopoLayout.from_grid(3, 3, 2).to(DEVICE)
+    q, k, v = qkv(layout)
+    out = topo_pack_attention(q, k, v, layout, backend="triton")
+    dq, = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="triton backend: its gradients are not differentiable .*'portable'"):
+        torch.autograd.grad((out.sum() + dq.square().sum()), q)
+
+
+@needs_kernels
 def test_bad_head_dim_is_a_clear_error():
     layout = TopoLayout.from_grid(2, 2, 2).to(DEVICE)
     q, k, v = qkv(layout, d=300)
@@ -398,7 +409,7 @@ def test_gpu_dtypes(dtype, rules, k):
 
 
 # Compiles every kernel for sm_90 with each GPU row of the config table (fp16, head_dim 64,
-# every rule flag on) without a GPU: the interpreter forgives what the compiler rejects (e.g.
+# PAPER's and BIDIRECTIONAL's flags) without a GPU: the interpreter forgives what the compiler rejects (e.g.
 # loop-carried types). The scales are typed fp64, as inductor passes Python floats under torch.compile.
 COMPILE_FOR_SM90 = r"""
 import triton
@@ -409,11 +420,11 @@ from topopack.kernels import triton_bwd as B, triton_configs as C, triton_fwd as
 POINTERS = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "O": "*fp16", "DO": "*fp16", "DQ": "*fp16", "DK": "*fp16",
             "DV": "*fp16", "LSE": "*fp32", "DELTA": "*fp32", "PART": "*fp32"}
 dims = dict(HEAD_D=64, HEAD_DV=64, BLOCK_D=64, BLOCK_DV=64)
-flags = dict(PATCH_SEES_SUMMARY=True, GLOBAL_SEES_ALL=True)
 keys = {C.Key(row["arch"] if row["arch"] != "*" else "sm90", 64, 3, 65536) for row in C.table()
         if row["arch"] in ("*", "sm90")}
-for key in sorted(keys):
+for key, flag in ((key, flag) for key in sorted(keys) for flag in (False, True)):
     cfg = C.lookup(key)
+    flags = dict(PATCH_SEES_SUMMARY=flag, GLOBAL_SEES_ALL=flag)
     for kernel, launch in ((F._fwd, "fwd"), (F._fwd_merge, "fwd_merge"), (B._bwd_delta, "bwd_delta"),
                            (B._bwd, "bwd"), (B._bwd_merge, "bwd_merge")):
         params = dict(cfg[launch])
@@ -425,7 +436,7 @@ for key in sorted(keys):
                "*i64" if n.islower() and ("pack" in n or "slide" in n) else "i32") for n in kernel.arg_names}
         triton.compile(ASTSource(kernel, sig, {(kernel.arg_names.index(n),): v for n, v in consts.items()}),
                        target=GPUTarget("cuda", 90, 32), options=options)
-        print("compiled", kernel.__name__, key)
+        print("compiled", kernel.__name__, key, flags)
 print("keys", len(keys))
 """
 
@@ -437,7 +448,7 @@ def test_kernels_compile_for_sm90():
                             timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     keys = int(result.stdout.split("keys")[-1])
-    assert keys >= 1 and result.stdout.count("compiled") == 5 * keys
+    assert keys >= 1 and result.stdout.count("compiled") == 2 * 5 * keys
 
 
 @pytest.mark.skipif(ON_GPU or ON_INTERPRETER, reason="kernels already run in this process")
