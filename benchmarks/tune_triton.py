@@ -49,16 +49,16 @@ def plan() -> list[tuple[str, configs.Knob]]:
     return [("paper", k) for k in fwd + bwd] + [("bidirectional", k) for k in glob]
 
 
-def tune_key(key: configs.Key, dtype: torch.dtype, heads: int, batch: int) -> dict:
+def tune_key(key: configs.Key, dtype: torch.dtype, heads: int, batch: int, device="cuda") -> dict:
     from topopack.kernels.triton_bwd import attention_bwd
     from topopack.kernels.triton_fwd import attention_fwd
 
     side = synthetic_side(key.size, key.pack_size)
-    layout = TopoLayout.from_grid(side, side, key.pack_size, device="cuda")
+    layout = TopoLayout.from_grid(side, side, key.pack_size, device=device)
     assert meta.size_bucket(layout.num_tokens) == key.size, (side, layout.num_tokens, key)
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     shape = (batch, heads, layout.num_tokens, key.head_dim)
-    q, k, v, do = (torch.randn(shape, generator=gen, device="cuda", dtype=dtype) for _ in range(4))
+    q, k, v, do = (torch.randn(shape, generator=gen, device=device, dtype=dtype) for _ in range(4))
     lay, scale = meta.LayoutArgs.of(layout), key.head_dim ** -0.5
     cfg = configs.lookup(key)
     o, lse = attention_fwd(q, k, v, lay, scale, meta.MaskFlags.from_rules(PAPER), key.pack_size, cfg=cfg)

@@ -350,6 +350,30 @@ def test_double_backward_is_refused():
         torch.autograd.grad((out.sum() + dq.square().sum()), q)
 
 
+@needs_interpreter
+def test_tune_script_times_every_candidate_on_the_kernels(monkeypatch):
+    """benchmarks/tune_triton.py's tuning loop on a tiny slide: each candidate runs the real launches once."""
+    from benchmarks import tune_triton
+    runs = []
+
+    def bench(fn):  # the last candidate of each knob "fastest"
+        fn()
+        runs.append(1)
+        return -float(len(runs))
+
+    monkeypatch.setattr(configs, "bench_ms", bench)
+    monkeypatch.setattr(tune_triton, "synthetic_side", lambda size, pack_size: 5)
+    knobs = [k for k in configs.KNOBS if "PATCH_BLOCK_M" in k.names or "SPLIT_TOKENS" in k.names]
+    monkeypatch.setattr(configs, "KNOBS", tuple(knobs))
+    key = configs.Key("interpret", 16, 2, meta.MIN_SIZE_BUCKET)
+    with launched() as names:
+        cfg = tune_triton.tune_key(key, torch.float32, heads=1, batch=1, device="cpu")
+    assert len(runs) == sum(len(k.values) for k in knobs)
+    assert set(names) == {"_fwd", "_fwd_merge", "_bwd_delta", "_bwd", "_bwd_merge"}
+    for k in knobs:
+        assert tuple(cfg[k.launch][n] for n in k.names) == k.values[-1]
+
+
 @needs_kernels
 def test_bad_head_dim_is_a_clear_error():
     layout = TopoLayout.from_grid(2, 2, 2).to(DEVICE)
