@@ -65,9 +65,10 @@ class FinetuneConfig:
         validate(self)
 
 
-def fit_length(samples: list, max_length: int, visual: int, mode: str) -> tuple[list[int], int, int]:
-    """(indices kept, truncated, dropped): samples longer than ``max_length`` tokens are cut at the end or dropped;
-    a cut sample with no supervised token left is dropped."""
+def fit_length(samples, max_length: int, visual: int, mode: str) -> tuple[list[int], int, int]:
+    """(indices kept, truncated, dropped): samples (anything with before/after/labels, e.g. Samples.items) longer
+    than ``max_length`` tokens are cut at the end, in place, or dropped; a cut sample with no supervised token left is
+    dropped."""
     keep, truncated, dropped = [], 0, 0
     for i, s in enumerate(samples):
         room = max_length - s.before.numel() - visual
@@ -138,12 +139,12 @@ def _run(fcfg: FinetuneConfig, cfg, qformer_cfg: QFormerConfig, tiny: TinyLlamaC
     samples = make_samples(records, vlm.tokenizer, cache, meta["prompt"])
     max_length = fcfg.max_length or getattr(vlm.llm.config, "max_position_embeddings", None)
     if max_length is not None:
-        keep, truncated, dropped = fit_length(samples, max_length, qformer_cfg.num_queries, fcfg.overlong)
+        keep, truncated, dropped = fit_length(samples.items, max_length, qformer_cfg.num_queries, fcfg.overlong)
         if truncated or dropped:
             print(f"finetune: {truncated} sample(s) truncated and {dropped} dropped at --max-length {max_length}")
         if not keep:
             raise ValueError(f"--max-length {max_length}: every sample is too long to keep an answer token")
-        records, samples = [records[i] for i in keep], [samples[i] for i in keep]
+        records, samples = [records[i] for i in keep], samples.subset(keep)
     weights = sample_weights(records, fcfg.sampling, parse_family_weights(fcfg.family_weights or ""))
 
     def make_batch(step, micro, gen):

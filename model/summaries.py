@@ -235,17 +235,28 @@ def write_region_file(path, cache: SummaryCache, slide, box) -> Path:
     return path
 
 
+@dataclass
+class SampleIds:
+    """A tokenized record without its memory tokens: what Samples keeps in RAM."""
+    before: torch.Tensor
+    after: torch.Tensor
+    labels: torch.Tensor
+    slide: str
+    packs: torch.Tensor | None  # the region's pack indices (None: every token of the image)
+
+
 class Samples(Sequence):
-    """Tokenized records whose memory tokens are read from the cache when a sample is taken: RAM holds the ids,
-    not the tokens. Regions are checked when the Samples are made."""
+    """Tokenized records whose memory tokens are read from the cache when a sample is taken: RAM holds the ids and
+    the region's pack indices, not the tokens. Regions are resolved (and checked) once, slide by slide."""
 
     def __init__(self, records: list[dict], tokenizer, cache: SummaryCache, style: str, with_answer: bool = True):
         cache.encode_all(r["slide"] for r in records)
-        self.cache, self.items = cache, []
-        for r in records:
+        self.cache, self.items = cache, [None] * len(records)
+        for i in sorted(range(len(records)), key=lambda j: records[j]["slide"]):  # one layout per slide in turn
+            r = records[i]
             turns = list(r["turns"]) if with_answer else [*r["turns"][:-1], (r["turns"][-1][0], None)]
-            cache.packs(r["slide"], r.get("region"))
-            self.items.append((*encode_conversation(tokenizer, turns, style), r["slide"], r.get("region")))
+            self.items[i] = SampleIds(*encode_conversation(tokenizer, turns, style), r["slide"],
+                                      cache.packs(r["slide"], r.get("region")))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -253,8 +264,16 @@ class Samples(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        before, after, labels, slide, region = self.items[i]
-        return Sample(before, after, labels, *self.cache.region(slide, region))
+        s = self.items[i]
+        e = self.cache.get(s.slide)
+        memory, positions = (e.summaries, e.positions) if s.packs is None else (e.summaries[s.packs],
+                                                                                e.positions[s.packs])
+        return Sample(s.before, s.after, s.labels, memory, positions)
+
+    def subset(self, indices) -> "Samples":
+        out = Samples.__new__(Samples)
+        out.cache, out.items = self.cache, [self.items[i] for i in indices]
+        return out
 
 
 def make_samples(records: list[dict], tokenizer, cache: SummaryCache, style: str,
