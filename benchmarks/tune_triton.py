@@ -73,8 +73,8 @@ def tune_key(key: configs.Key, dtype: torch.dtype, heads: int, batch: int, devic
 
 
 def write_row(path: Path, row: dict) -> None:
-    """Replace (or add) the row of row's key in the table at `path`, atomically."""
-    doc = json.loads(path.read_text())
+    """Replace (or add) the row of row's key in the table at `path` (a copy of the committed one if new), atomically."""
+    doc = json.loads((path if path.exists() else configs.TABLE).read_text())
     same = lambda r: all(r[f] == row[f] for f in configs.FIELDS)  # noqa: E731
     doc["rows"] = [r for r in doc["rows"] if not same(r)] + [row]
     doc["rows"].sort(key=lambda r: tuple(str(r[f]) if r[f] != configs.ANY else "" for f in configs.FIELDS))

@@ -157,10 +157,9 @@ def test_tune_script_dry_run_lists_every_key_and_candidate(capsys):
 
 
 def test_tune_script_replaces_the_row_of_its_key(tmp_path):
-    path = tmp_path / "table.json"
-    path.write_text(configs.TABLE.read_text())
-    before = configs.table(str(path))
-    cfg = copy.deepcopy(configs.lookup(configs.Key("sm90", 64, 3, 65536), str(path)))
+    path = tmp_path / "table.json"  # new: starts as the committed table
+    before = configs.table()
+    cfg = copy.deepcopy(configs.lookup(configs.Key("sm90", 64, 3, 65536)))
     cfg["fwd"]["PATCH_BLOCK_M"] = 64
     new = dict(configs.Key("sm90", 64, 3, 65536)._asdict(), source="test", configs=cfg)
     tune_triton.write_row(path, new)
@@ -169,5 +168,4 @@ def test_tune_script_replaces_the_row_of_its_key(tmp_path):
     tune_triton.write_row(path, dict(new, configs=cfg))
     rows = json.loads(path.read_text())["rows"]
     assert len(rows) == len(before) + 1 and all(r in rows for r in before)
-    configs.table.cache_clear(), configs.lookup.cache_clear()  # the table is read once per process
     assert configs.lookup(configs.Key("sm90", 64, 3, 65536), str(path))["fwd"]["PATCH_BLOCK_M"] == 16
