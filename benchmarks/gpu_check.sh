@@ -11,13 +11,16 @@
 #                                   forward+backward, eager and compiled, 36,864 and 103,041 patches; one training
 #                                   step on 199,809 patches with activation checkpointing), then one LoRA finetune
 #                                   step of the 7B-shaped Llama (benchmarks/llm_step.py); not yet timed on a GPU;
+#   benchmarks/gpu_check.sh tune    regenerate the kernels' launch-config table for this card
+#                                   (benchmarks/tune_triton.py, 420 s budget) into $OUT/triton_configs.json: commit it
+#                                   to kernels/ after checking it;
 #   benchmarks/gpu_check.sh all     tests and bench, one after the other (more than one device call's worth).
 # Results go to $OUT (default benchmarks/results/gpu). The device machine has torch and triton but no package
 # registry, so the repo is installed without dependencies.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-all}
-case "$STAGE" in tests|bench|model|all) ;; *) echo "usage: $0 [tests|bench|model|all]" >&2; exit 2;; esac
+case "$STAGE" in tests|bench|model|tune|all) ;; *) echo "usage: $0 [tests|bench|model|tune|all]" >&2; exit 2;; esac
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -26,6 +29,13 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee -a "$OUT/gpu_bench.log"
 SECONDS=0
+
+if [ "$STAGE" = tune ]; then
+  cp kernels/triton_configs.json "$OUT/triton_configs.json"
+  timeout 480 python3 -m benchmarks.tune_triton --budget-s 420 --out "$OUT/triton_configs.json" 2>&1 | tee -a "$OUT/tune.log"
+  echo "tune: rc ${PIPESTATUS[0]} after ${SECONDS} s"
+  exit 0
+fi
 
 if [ "$STAGE" = model ]; then
   timeout 330 python3 -m benchmarks.encoder_throughput --device cuda --whole-slide 447 --json "$OUT/encoder_scale.json" \
@@ -40,7 +50,7 @@ if [ "$STAGE" != bench ]; then
   timeout 220 python3 -m topopack.model.cli demo --device cuda --backend triton --side 192 --out /tmp/demo-gpu \
       --train-slides 300 --vqa-steps 600 > "$OUT/gpu_demo.log" 2>&1 &
   demo=$!
-  TOPOPACK_TRITON_AUTOTUNE=0 timeout 200 python3 -m pytest -q -x -p no:cacheprovider --durations=8 tests/test_triton.py \
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider --durations=8 tests/test_triton.py tests/test_triton_configs.py \
       2>&1 | tee "$OUT/gpu_tests.log" | tail -n 15
   echo "triton tests: rc ${PIPESTATUS[0]} after ${SECONDS} s"
   wait $demo; echo "demo: rc $? after ${SECONDS} s"; tail -n 14 "$OUT/gpu_demo.log"
