@@ -53,7 +53,7 @@ class DemoConfig:
     mae_steps: int = option(60, "MAE pretraining steps", check=POSITIVE)
     connector_steps: int = option(100, "stage A steps (the frozen random LLM teaches the connector little)",
                                   check=POSITIVE)
-    vqa_steps: int = option(2000, "stage B steps (and the blind control's)", check=POSITIVE)
+    vqa_steps: int = option(1500, "stage B steps (and the blind control's)", check=POSITIVE)
     batch_size: int = option(16, "questions per step", check=POSITIVE)
     family_weights: str = option("location=8,count=4,size=2", "VQA sampling share per question family (default 1): "
                                  "more steps on the hard whole-slide families; the blind control uses the same recipe")
@@ -218,15 +218,17 @@ def run_pipeline(args) -> dict:
     from topopack.model.encoder import load_encoder
     from topopack.model.evaluate import evaluate, markdown_table
     from topopack.model.finetune import finetune
-    from topopack.model.summaries import SummaryCache
     from topopack.model.pretrain import pretrain
     from topopack.model.qformer import QFormerConfig
+    from topopack.model.summaries import SummaryCache, fill_cache
+
+    from .parallel import usable_cores
 
     out = Path(args.out)
     t0 = time.perf_counter()
     timings = {}
     cuda = torch.device(args.device).type == "cuda"
-    plan = ["data", "MAE pretraining", *(["encoder throughput"] if cuda else []), "connector (stage A)",
+    plan = ["data", "MAE pretraining", *(["encoder throughput"] if cuda else []), "encode slides", "connector (stage A)",
             "VQA (stage B) + blind control alongside" if args.parallel_blind else "VQA (stage B)",
             *([] if args.parallel_blind else ["blind control"]), "eval", "eval blind", "evidence"]
 
@@ -246,7 +248,11 @@ def run_pipeline(args) -> dict:
     encoder = out / "mae" / "encoder.pt"
     throughput = step("encoder throughput", lambda: measure_throughput(encoder, args)) if cuda else None
     # the frozen encoder runs once per slide for all steps below
-    # one on-disk summary cache for every stage (and the blind control's process: it reads, not re-encodes)
+    # one on-disk summary cache for every stage (and the blind control's process: it reads, not re-encodes),
+    # filled by every core
+    slides = sorted((out / "slides").glob("*/*.h5"))
+    step("encode slides", lambda: fill_cache(encoder, slides, out / CACHE, backend=args.backend, device=args.device,
+                                             workers=1 if cuda else usable_cores()))
     cache = SummaryCache(load_encoder(encoder, backend=args.backend), args.device, cache_dir=out / CACHE)
     # brief defaults otherwise (32 queries, r 128)
     small = dict(qformer_cfg=QFormerConfig(dim=args.qformer_dim, anchors=args.anchors))

@@ -36,7 +36,10 @@ import torch
 from topopack.model.prompt import IGNORE, encode_conversation
 from topopack.model.regions import check_box, pack_boxes, packs_in_region
 
-METHODS = ("attention", "gradient")
+METHODS = ("gradient", "attention")
+# the default: on the demo's held-out slides its mass on the largest nodule was 4.2x the nodules' share of the
+# packs, against 2.8x for the attention rollout (README, "Evidence maps")
+DEFAULT_METHOD = "gradient"
 
 
 class EvidenceError(ValueError):
@@ -275,14 +278,15 @@ def add_evidence_arguments(parser) -> None:
     g = parser.add_argument_group("evidence map (one question)")
     g.add_argument("--evidence", default=None, metavar="MAP.png",
                    help="write a heat map of the packs the answer drew on (and MAP.json with the weights)")
-    g.add_argument("--evidence-method", choices=METHODS, default="attention",
-                   help="attention: Q-Former rollout weighted by the LLM's attention; gradient: gradient x input")
+    g.add_argument("--evidence-method", choices=METHODS, default=DEFAULT_METHOD,
+                   help="gradient: |gradient x input| of the answer per pack; attention: Q-Former rollout weighted "
+                        "by the LLM's attention")
     g.add_argument("--evidence-json", default=None, help="where to write the weights (default: MAP.json)")
     g.add_argument("--evidence-wsi", default=None, help="the slide image (OpenSlide-readable) as the background")
 
 
 def write_evidence(assistant, slide, question: str, region, answer: str, png_path, json_path=None,
-                   method: str = "attention", wsi=None) -> tuple[Path, Path]:
+                   method: str = DEFAULT_METHOD, wsi=None) -> tuple[Path, Path]:
     """Evidence for ``answer``: the map at ``png_path``, the weights at ``json_path`` (default: png_path with
     .json). Returns both paths."""
     ev = evidence(assistant, slide, question, region, answer=answer, method=method)

@@ -33,7 +33,7 @@ import torch
 
 from topopack import TopoLayout
 from topopack.io import load_slide
-from topopack.model.encoder import SlideEncoder
+from topopack.model.encoder import SlideEncoder, load_encoder
 from topopack.model.llm import freeze
 from topopack.model.prompt import encode_conversation
 from topopack.model.regions import RegionError, pack_positions, packs_in_region
@@ -43,7 +43,8 @@ REGION_KEYS = ("features", "pack_indices", "region_coords", "num_tokens")
 
 
 FORMAT = 1  # of the cache entries: part of the encoder fingerprint
-RECENT = 8  # encoded slides (with their layouts) kept open
+RECENT = 1024  # encoded slides kept open (memory maps)
+RECENT_LAYOUTS = 8  # of them, the ones whose layout (rebuilt for region boxes) stays in RAM
 
 
 def user_cache_dir() -> Path:
@@ -78,6 +79,9 @@ class EncodedSlide:
         self.cell_size = meta["cell_size"]  # level-0 grid step (the patch size, less any TRIDENT overlap)
         self.pack_size = meta["pack_size"]
         self._entry, self._layout = entry, None
+
+    def release_layout(self) -> None:
+        self._layout = None
 
     @property
     def layout(self) -> TopoLayout:
@@ -133,6 +137,7 @@ class SummaryCache:
         self.root = Path(self._tmp.name if cache_dir is None else cache_dir) / "summaries" / \
             encoder_fingerprint(self.encoder, self.device)
         self._recent: OrderedDict[str, EncodedSlide] = OrderedDict()
+        self._layouts: OrderedDict[int, EncodedSlide] = OrderedDict()
 
     def _entry(self, key: str) -> Path | None:
         """The cache entry of slide file ``key`` (it may not exist yet); None if the file cannot be stat'ed."""
@@ -169,7 +174,9 @@ class SummaryCache:
             shutil.rmtree(tmp)
 
     def get(self, path) -> EncodedSlide | EncodedRegion:
-        key = str(Path(path).resolve())
+        key = str(path)
+        if key not in self._recent:  # the records' paths are absolute already: resolve only on a miss
+            key = str(Path(path).resolve())
         if key in self._recent:
             self._recent.move_to_end(key)
             return self._recent[key]
@@ -211,13 +218,37 @@ class SummaryCache:
         idx = self._packs(e, path, box)
         return (e.summaries, e.positions) if idx is None else (e.summaries[idx], e.positions[idx])
 
-    @staticmethod
-    def _packs(e, path, box) -> torch.Tensor | None:
+    def _packs(self, e, path, box) -> torch.Tensor | None:
         if isinstance(e, EncodedRegion):
             if box is not None:
                 raise RegionError(f"{path}: a pre-encoded region file holds one region; it takes no region box")
             return None
-        return None if box is None else packs_in_region(e.layout, e.origin, e.cell_size, box)
+        if box is None:
+            return None
+        self._layouts[id(e)] = e
+        self._layouts.move_to_end(id(e))
+        if len(self._layouts) > RECENT_LAYOUTS:
+            self._layouts.popitem(last=False)[1].release_layout()
+        return packs_in_region(e.layout, e.origin, e.cell_size, box)
+
+
+def _fill_job(job: tuple) -> None:
+    encoder_path, backend, device, cache_dir, patch_size, paths = job
+    cache = SummaryCache(load_encoder(encoder_path, backend=backend), device, patch_size, cache_dir)
+    for p in paths:
+        cache.get(p)
+
+
+def fill_cache(encoder_path, paths, cache_dir, *, backend: str | None = None, device="cpu",
+               patch_size: int | None = None, workers: int = 1) -> None:
+    """Encode ``paths`` into the on-disk cache at ``cache_dir`` in ``workers`` processes (each loads the encoder
+    from ``encoder_path``), so that a SummaryCache over the same encoder, backend and directory only reads."""
+    from topopack.model.parallel import parallel_map
+
+    paths = sorted({str(Path(p).resolve()) for p in paths})
+    chunks = [paths[i::max(1, workers) * 8] for i in range(max(1, workers) * 8)]
+    parallel_map(_fill_job, [(str(encoder_path), backend, str(device), str(cache_dir), patch_size, c)
+                             for c in chunks if c], workers, desc="encode slides")
 
 
 def write_region_file(path, cache: SummaryCache, slide, box) -> Path:

@@ -314,9 +314,9 @@ def test_wsi_thumbnail_is_the_background(world, tmp_path, monkeypatch):
 def test_cli_arguments():
     p = argparse.ArgumentParser()
     E.add_evidence_arguments(p)
-    a = p.parse_args(["--evidence", "m.png", "--evidence-method", "gradient"])
-    assert (a.evidence, a.evidence_method, a.evidence_json, a.evidence_wsi) == ("m.png", "gradient", None, None)
-    assert p.parse_args([]).evidence_method == "attention"
+    a = p.parse_args(["--evidence", "m.png", "--evidence-method", "attention"])
+    assert (a.evidence, a.evidence_method, a.evidence_json, a.evidence_wsi) == ("m.png", "attention", None, None)
+    assert p.parse_args([]).evidence_method == E.DEFAULT_METHOD == "gradient"
     with pytest.raises(SystemExit):
         p.parse_args(["--evidence-method", "saliency"])
 

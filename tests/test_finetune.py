@@ -235,3 +235,20 @@ def test_ask_writes_an_evidence_map(world, tmp_path, capfd):
     assert abs(sum(ev["weights"]) - 1) < 1e-6 and len(ev["boxes"]) == len(ev["weights"]) >= 1
     with pytest.raises(SystemExit):
         cli(args[:1] + ["--questions", "q.json", "--out", "p.jsonl", "--evidence-method", "magic"])
+
+
+def test_fill_cache_in_worker_processes_leaves_nothing_to_encode(world, tmp_path):
+    from topopack.model.summaries import fill_cache
+
+    root, data, enc = world
+    slides = sorted({r["slide"] for r in load_records(data, "vqa")})
+    fill_cache(enc, slides, tmp_path / "cache", workers=2)
+    encoder = load_encoder(enc)
+    calls = []
+    encoder.register_forward_hook(lambda *a: calls.append(1))
+    cache = SummaryCache(encoder, cache_dir=tmp_path / "cache")
+    got = [cache.region(s)[0] for s in slides]
+    assert calls == []
+    fresh = SummaryCache(load_encoder(enc))
+    for s, g in zip(slides, got):
+        torch.testing.assert_close(g, fresh.region(s)[0])
