@@ -21,6 +21,8 @@ COMMANDS = {
     "data": ("topopack.model.data_check", "validate instruction files (either schema) and count them"),
     "extract": ("topopack.model.extract", "slides (.svs, .tiff, ...) -> TRIDENT-layout feature files"),
 }
+# the commands that train across processes under torchrun; the others write their files from one process
+DISTRIBUTED = ("pretrain", "finetune")
 # what a user's input can raise: bad files, values, paths (SlideError, LayoutError, VQAError, RegionError and the
 # checkpoint errors are ValueErrors)
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
@@ -37,6 +39,10 @@ def main(argv=None) -> int:
         return 2
     if argv[0] not in COMMANDS:
         parser.parse_args(argv)  # --help, or an error naming the bad command
+        return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and argv[0] not in DISTRIBUTED:
+        print(f"topopack {argv[0]}: error: runs in one process; launch it without torchrun "
+              f"(only {' and '.join(DISTRIBUTED)} train across processes)", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
     cmd = argparse.ArgumentParser(prog=f"topopack {argv[0]}", description=COMMANDS[argv[0]][1])

@@ -63,3 +63,10 @@ def test_help_does_not_import_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "COMMAND" in done.stdout
+
+
+def test_single_process_commands_refuse_torchrun(monkeypatch, capsys):
+    """Under torchrun only pretrain and finetune run (rank 0 writes); the others would write from every rank."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["synth", "--out", "x"]) == 2
+    assert "launch it without torchrun" in capsys.readouterr().err
