@@ -54,6 +54,18 @@ def _row_key_ds(qf, dof, lse, delta, kf, vf, ok, qk_scale):
 
 
 @triton.jit
+def _one_row_per_key(Q, DO, LSE, DELTA, rtok, sql, sqd, sdl, sdd, ok, kf, vf, qk_scale,
+                     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """(dk, dv) [M, *] fp32 of keys kf, vf, each seen by one query row (rows rtok), unscaled."""
+    qr = _load_rows(Q, rtok, sql, sqd, ok, HEAD_D, BLOCK_D)
+    dor = _load_rows(DO, rtok, sdl, sdd, ok, HEAD_DV, BLOCK_DV)
+    lse = tl.load(LSE + rtok, mask=ok, other=0.0)
+    delta = tl.load(DELTA + rtok, mask=ok, other=0.0)
+    p, ds = _row_key_ds(qr, dor, lse, delta, kf, vf, ok, qk_scale)
+    return ds[:, None] * qr, p[:, None] * dor
+
+
+@triton.jit
 def _load_rows(X, tok, sl, sd, ok, HEAD: tl.constexpr, BLOCK: tl.constexpr):
     """Rows `tok` of one (b, h) slice of X as fp32 [M, BLOCK]; zeros where not ok."""
     c = tl.arange(0, BLOCK)
@@ -111,22 +123,16 @@ def _patch_bwd(
 
     # the pack's summary row sees these patch keys
     stok = tl.load(pack_summary + pk, mask=row_ok, other=0)
-    qs = _load_rows(Q, stok, sql, sqd, row_ok, HEAD_D, BLOCK_D)
-    dos = _load_rows(DO, stok, sdl, sdd, row_ok, HEAD_DV, BLOCK_DV)
-    lse_s = tl.load(LSE + stok, mask=row_ok, other=0.0)
-    delta_s = tl.load(DELTA + stok, mask=row_ok, other=0.0)
-    p, ds = _row_key_ds(qs, dos, lse_s, delta_s, kf, vf, row_ok, qk_scale)
-    dk += ds[:, None] * qs
-    dvv += p[:, None] * dos
+    dk_r, dv_r = _one_row_per_key(Q, DO, LSE, DELTA, stok, sql, sqd, sdl, sdd, row_ok, kf, vf, qk_scale,
+                                  HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV)
+    dk += dk_r
+    dvv += dv_r
 
     if GLOBAL_SEES_ALL:  # the slide's global row sees these patch keys
-        qg = _load_rows(Q, gtok, sql, sqd, row_ok, HEAD_D, BLOCK_D)
-        dog = _load_rows(DO, gtok, sdl, sdd, row_ok, HEAD_DV, BLOCK_DV)
-        lse_g = tl.load(LSE + gtok, mask=row_ok, other=0.0)
-        delta_g = tl.load(DELTA + gtok, mask=row_ok, other=0.0)
-        p, ds = _row_key_ds(qg, dog, lse_g, delta_g, kf, vf, row_ok, qk_scale)
-        dk += ds[:, None] * qg
-        dvv += p[:, None] * dog
+        dk_r, dv_r = _one_row_per_key(Q, DO, LSE, DELTA, gtok, sql, sqd, sdl, sdd, row_ok, kf, vf, qk_scale,
+                                      HEAD_D, BLOCK_D, HEAD_DV, BLOCK_DV)
+        dk += dk_r
+        dvv += dv_r
 
     tl.store(DQ + tok[:, None] * HEAD_D + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=qmask)
     tl.store(DK + tok[:, None] * HEAD_D + d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=qmask)
