@@ -39,9 +39,6 @@ from topopack.model.prompt import encode_conversation
 from topopack.model.regions import RegionError, pack_positions, packs_in_region
 from topopack.model.vlm import Sample
 
-REGION_KEYS = ("features", "pack_indices", "region_coords", "num_tokens")
-
-
 FORMAT = 1  # of the cache entries: part of the encoder fingerprint
 RECENT = 1024  # encoded slides kept open (memory maps)
 RECENT_LAYOUTS = 8  # of them, the ones whose layout (rebuilt for region boxes) stays in RAM
@@ -183,7 +180,8 @@ class SummaryCache:
         entry = self._entry(key)
         if entry is None or not entry.exists():
             region = read_region_file(key)
-            if region is not None:
+            if region is not None:  # kept with the slides: taking a sample must not load the file again
+                self._recent[key] = region
                 return region
             self._encode(key, entry)
         self._recent[key] = EncodedSlide(entry)
