@@ -279,7 +279,6 @@ def test_wsi_thumbnail_is_the_background(world, tmp_path, monkeypatch):
     import types
 
     import matplotlib.image as mpimg
-    import numpy as np
     from PIL import Image
 
     _, slides, cache, _ = world

@@ -5,7 +5,7 @@ import pytest
 import torch
 from worlds import finetune_world
 
-from topopack.model.encoder import SlideEncoder, SlideEncoderConfig, load_encoder, save_encoder
+from topopack.model.encoder import load_encoder
 from topopack.model.finetune import finetune
 from topopack.model.model_dir import load_model
 from topopack.model.records import load_records, turn

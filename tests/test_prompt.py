@@ -1,6 +1,5 @@
 """model/prompt.py: conversations -> ids, with every answer and only the answers supervised."""
 import pytest
-import torch
 
 from topopack.model.llm import build_tokenizer
 from topopack.model.prompt import IGNORE, LLAVA_V1_SYSTEM, encode_conversation
