@@ -3,13 +3,16 @@
 
 Steps (embedded defaults, nothing downloaded):
   1. attention: build a layout, time TopoPackAttention against dense SDPA (a few seconds);
-  2. data: synthetic training and held-out slides (separate seeds) + VQA / caption JSON (topopack.model.synth, vqa_data);
+  2. data: synthetic training and held-out slides (separate seeds) + VQA / caption JSON (topopack.model.synth, vqa_data),
+     on every core;
   3. MAE: quick pretraining of the slide encoder on the training slides (topopack.model.pretrain);
      on CUDA also the encoder's throughput, Triton against portable, on a large synthetic grid;
-  4. connector: Q-Former on captions, tiny LLM frozen; 5. VQA: Q-Former + LoRA on the VQA;
-  6. blind control: the same VQA training with the visual tokens zeroed (on a multi-core CPU in a second
-     process, alongside step 5);
-  7. eval on the held-out slides by scale -> OUT/eval.json, OUT/eval.md.
+  4. encode: every slide once into OUT/summary-cache, on every core;
+  5. connector: Q-Former on captions, tiny LLM frozen; 6. VQA: Q-Former + LoRA on the VQA;
+  7. blind control: the same VQA training with the visual tokens zeroed (on a multi-core CPU in a second
+     process, alongside step 6);
+  8. eval on the held-out slides by level x format -> OUT/eval.json, OUT/eval.md;
+  9. evidence: OUT/evidence.png for one held-out slide, and how much evidence lands on the largest nodule.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ class DemoConfig:
     pack_size: int = option(3, "pack side k", check=POSITIVE)
     heads: int = option(8, "attention heads", check=POSITIVE)
     head_dim: int = option(64, "head dim", check=POSITIVE)
-    rules: str = option("paper", "attention rules", choices=("paper", "bidirectional"))
+    rules: str = option("paper", "attention rules", choices=tuple(RULES_BY_NAME))
     repeats: int = option(5, "timed repeats (median)", check=POSITIVE)
     device: str = option("cuda" if torch.cuda.is_available() else "cpu", "device")
     backend: str = option("auto", "attention backend of the encoder: auto (triton on CUDA, portable on the CPU), "

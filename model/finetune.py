@@ -138,6 +138,7 @@ def _run(fcfg: FinetuneConfig, cfg, qformer_cfg: QFormerConfig, tiny: TinyLlamaC
         vlm.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     samples = make_samples(records, vlm.tokenizer, cache, meta["prompt"])
     max_length = fcfg.max_length or getattr(vlm.llm.config, "max_position_embeddings", None)
+    truncated = dropped = 0
     if max_length is not None:
         keep, truncated, dropped = fit_length(samples.items, max_length, qformer_cfg.num_queries, fcfg.overlong)
         if truncated or dropped:
@@ -160,7 +161,7 @@ def _run(fcfg: FinetuneConfig, cfg, qformer_cfg: QFormerConfig, tiny: TinyLlamaC
     save_model(cfg.out, vlm, meta, fcfg.encoder)
     write_metrics(cfg.out, {"stage": fcfg.stage, "blind": fcfg.blind, "final_loss": result["final_loss"],
                             "steps": result["steps"], "train_records": len(records),
-                            "truncated": truncated if max_length else 0, "dropped": dropped if max_length else 0,
+                            "truncated": truncated, "dropped": dropped,
                             "trainable_params": sum(p.numel() for p in vlm.parameters() if p.requires_grad)})
     return result
 
