@@ -87,25 +87,20 @@ def add_arguments(p) -> None:
 def ask_batch(questions, out, *, slides=None, model=DEFAULT_MODEL, device="cpu", batch_size: int = 16,
               max_new_tokens: int = MAX_NEW_TOKENS, patch_size: int | None = None) -> Path:
     """Answer every question in ``questions`` (greedy, batched) and write ``out`` (predictions.jsonl)."""
-    from topopack.model.evaluate import predict
-    from topopack.model.model_dir import load_model
+    from topopack.model.evaluate import answer_records
     from topopack.model.predictions import write_predictions
-    from topopack.model.records import RecordError, read_records
-    from topopack.model.summaries import SummaryCache, make_samples, user_cache_dir
+    from topopack.model.records import RecordError, raise_bad, read_records
 
     one = slides is not None and Path(slides).is_file()
     if slides is not None and not one and not Path(slides).is_dir():
         raise FileNotFoundError(f"--slides {slides}: no such file or directory")
     records, errors = read_records(questions, image_root=None if one else slides, need_answer=False,
                                    image=slides if one else None)
-    if errors:
-        raise RecordError(f"{len(errors)} bad question(s):\n  " + "\n  ".join(errors[:20]))
+    raise_bad(errors, "question")
     if not records:
         raise RecordError(f"{questions}: no questions")
-    vlm, encoder, meta = load_model(model, device=device)
-    samples = make_samples(records, vlm.tokenizer, SummaryCache(encoder, device, patch_size, user_cache_dir()), meta["prompt"],
-                           with_answer=False)
-    preds = predict(vlm, samples, batch_size, max_new_tokens=max_new_tokens)
+    preds, _ = answer_records(model, records, device=device, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                              patch_size=patch_size)
     return write_predictions(out, records, preds)
 
 

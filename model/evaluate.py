@@ -64,19 +64,28 @@ def write_report(out, records, preds, extra_metrics: dict, *, judge=None, device
     return metrics
 
 
+def answer_records(model_dir, records, *, device="cpu", batch_size: int = 32, max_new_tokens: int = MAX_NEW_TOKENS,
+                   patch_size: int | None = None, cache=None) -> tuple[list[str], dict]:
+    """(greedy answers to the last question of each record, the model's meta), from a model directory; slides are
+    encoded into ``cache`` (default: the user's on-disk summary cache)."""
+    from topopack.model.model_dir import load_model
+    from topopack.model.summaries import SummaryCache, make_samples, user_cache_dir
+
+    vlm, encoder, meta = load_model(model_dir, device=device)
+    cache = cache or SummaryCache(encoder, device, patch_size, user_cache_dir())
+    samples = make_samples(records, vlm.tokenizer, cache, meta["prompt"], with_answer=False)
+    return predict(vlm, samples, batch_size, max_new_tokens=max_new_tokens), meta
+
+
 def evaluate(model_dir, data, out=None, *, device="cpu", batch_size: int = 32, limit: int | None = None,
              cache=None, max_new_tokens: int = MAX_NEW_TOKENS, patch_size: int | None = None, image_root=None,
              judge=None) -> dict:
     """Score ``model_dir`` on the questions in ``data``; writes metrics.json, eval.md, predictions.jsonl to out."""
-    from topopack.model.model_dir import load_model
     from topopack.model.records import load_records
-    from topopack.model.summaries import SummaryCache, make_samples, user_cache_dir
 
-    vlm, encoder, meta = load_model(model_dir, device=device)
     records = load_records(data, "eval", image_root=image_root)[:limit]
-    samples = make_samples(records, vlm.tokenizer, cache or SummaryCache(encoder, device, patch_size, user_cache_dir()),
-                           meta["prompt"], with_answer=False)
-    preds = predict(vlm, samples, batch_size, max_new_tokens=max_new_tokens)
+    preds, meta = answer_records(model_dir, records, device=device, batch_size=batch_size,
+                                 max_new_tokens=max_new_tokens, patch_size=patch_size, cache=cache)
     return write_report(out or model_dir, records, preds, {"model": str(model_dir), "blind": bool(meta.get("blind"))},
                         judge=judge, device=device)
 

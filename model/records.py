@@ -182,6 +182,13 @@ def read_records(path, *, image_root=None, need_answer: bool = True, image=None)
     return records, errors
 
 
+def raise_bad(errors: list[str], what: str = "record") -> None:
+    """One RecordError listing the first 20 of ``errors`` (read_records' list), if there are any."""
+    if errors:
+        raise RecordError(f"{len(errors)} bad {what}(s):\n  " + "\n  ".join(errors[:20]) +
+                          (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""))
+
+
 def load_records(data, stage: str, *, image_root=None) -> list[dict]:
     """The stage's records from ``data`` (a file of either schema, or a make_vqa_files directory); any bad record
     is an error that lists them all."""
@@ -190,9 +197,7 @@ def load_records(data, stage: str, *, image_root=None) -> list[dict]:
         recs, errs = read_records(f, image_root=image_root)
         records += [r for r in recs if r["type"] in STAGE_TYPES[stage]]
         errors += errs
-    if errors:
-        raise RecordError(f"{len(errors)} bad record(s):\n  " + "\n  ".join(errors[:20]) +
-                          (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""))
+    raise_bad(errors)
     if not records:
         raise RecordError(f"--data {data}: no records of type {sorted(STAGE_TYPES[stage])} for stage {stage}")
     return records
