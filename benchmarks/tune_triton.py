@@ -44,7 +44,7 @@ def keys(arch: str, head_dims, pack_sizes, sizes) -> list[configs.Key]:
 def plan() -> list[tuple[str, configs.Knob]]:
     """(rules name, knob) in tuning order, the same for every key."""
     fwd = configs.knobs(("fwd",), global_sees_all=False)
-    bwd = configs.knobs(("bwd_delta", "bwd", "bwd_merge"))
+    bwd = configs.knobs(("bwd_prep", "bwd", "bwd_merge"))
     glob = [k for k in configs.knobs(("fwd", "fwd_merge")) if k.global_only]
     return [("paper", k) for k in fwd + bwd] + [("bidirectional", k) for k in glob]
 

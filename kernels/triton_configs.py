@@ -34,10 +34,10 @@ PARAMS = {
     "fwd": ("SUMMARY_BLOCK_M", "SUMMARY_BLOCK_N", "GLOBAL_BLOCK_N", "SPLIT_TOKENS", "PATCH_BLOCK_M", "num_warps",
             "num_stages"),
     "fwd_merge": ("num_warps", "num_stages"),
-    "bwd_delta": ("BLOCK", "num_warps", "num_stages"),
-    "bwd": ("SUMMARY_DKV_BLOCK_M", "SUMMARY_DKV_BLOCK_N", "SUMMARY_DQ_BLOCK_M", "SUMMARY_DQ_BLOCK_N",
-            "GLOBAL_BLOCK_N", "SPLIT_TOKENS", "PATCH_BLOCK_M", "num_warps", "num_stages"),
-    "bwd_merge": ("num_warps", "num_stages"),
+    "bwd_prep": ("BLOCK", "num_warps", "num_stages"),
+    "bwd": ("SUMMARY_BLOCK_M", "SUMMARY_BLOCK_N", "DQ_ORDERED", "SUMMARY_DQ_BLOCK_M", "SUMMARY_DQ_BLOCK_N",
+            "PATCH_BLOCK_M", "PATCH_ITERS", "num_warps", "num_stages"),
+    "bwd_merge": ("BLOCK", "num_warps", "num_stages"),
 }
 
 # Tests set this to a full config (launch -> params) to run every key with it.
@@ -69,14 +69,13 @@ KNOBS = (
     Knob("fwd", ("SPLIT_TOKENS",), ((2048,), (1024,), (4096,)), global_only=True),
     Knob("fwd", ("num_warps", "num_stages"), ((4, 3), (4, 2), (8, 3), (2, 2))),
     Knob("fwd_merge", ("num_warps",), ((4,), (2,), (1,)), global_only=True),
-    Knob("bwd_delta", ("BLOCK", "num_warps"), ((64, 4), (128, 4), (128, 8))),
-    Knob("bwd", ("SUMMARY_DKV_BLOCK_M", "SUMMARY_DKV_BLOCK_N"), ((64, 64), (64, 128), (32, 64))),
+    Knob("bwd_prep", ("BLOCK", "num_warps"), ((64, 4), (128, 4), (128, 8))),
+    Knob("bwd", ("DQ_ORDERED",), ((1,), (0,))),
+    Knob("bwd", ("SUMMARY_BLOCK_M", "SUMMARY_BLOCK_N"), ((64, 64), (64, 128), (128, 128), (32, 64))),
     Knob("bwd", ("SUMMARY_DQ_BLOCK_M", "SUMMARY_DQ_BLOCK_N"), ((64, 64), (128, 64), (64, 32))),
-    Knob("bwd", ("PATCH_BLOCK_M",), ((32,), (16,), (64,))),
-    Knob("bwd", ("GLOBAL_BLOCK_N",), ((64,), (32,))),
-    Knob("bwd", ("SPLIT_TOKENS",), ((2048,), (1024,), (4096,))),
-    Knob("bwd", ("num_warps", "num_stages"), ((4, 2), (8, 2), (4, 3))),
-    Knob("bwd_merge", ("num_warps",), ((4,), (2,), (1,))),
+    Knob("bwd", ("PATCH_BLOCK_M", "PATCH_ITERS"), ((32, 4), (32, 1), (16, 4), (64, 2), (32, 8))),
+    Knob("bwd", ("num_warps", "num_stages"), ((4, 2), (8, 2), (4, 3), (8, 3))),
+    Knob("bwd_merge", ("BLOCK", "num_warps"), ((64, 4), (32, 2), (128, 4))),
 )
 
 
@@ -114,11 +113,11 @@ def check_rows(rows: list, where: str) -> tuple[dict, ...]:
             if launch not in PARAMS or unknown:
                 raise ValueError(f"{name}: unknown launch or parameters {launch} {sorted(unknown)}; "
                                  f"launches and parameters are {PARAMS}")
-            bad = {p: v for p, v in params.items() if not (isinstance(v, int) and v > 0 and
-                                                           (p == "num_stages" or v & (v - 1) == 0))}
+            bad = {p: v for p, v in params.items() if not (isinstance(v, int) and (
+                v in (0, 1) if p == "DQ_ORDERED" else v > 0 and (p == "num_stages" or v & (v - 1) == 0)))}
             if bad or params.get("PATCH_BLOCK_M", 16) < 16:
-                raise ValueError(f"{name}: {launch} {bad or params}: block sizes and num_warps must be powers of "
-                                 "two, num_stages a positive int, PATCH_BLOCK_M at least 16 (a pack of 4x4 patches)")
+                raise ValueError(f"{name}: {launch} {bad or params}: block sizes, PATCH_ITERS and num_warps must "
+                                 "be powers of two, num_stages a positive int, DQ_ORDERED 0 or 1, PATCH_BLOCK_M at least 16 (a pack of 4x4 patches)")
         complete = complete or (all(row[f] == ANY for f in FIELDS)
                                 and all(set(row["configs"].get(l, ())) == set(p) for l, p in PARAMS.items()))
     if not complete:

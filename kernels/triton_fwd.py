@@ -3,17 +3,19 @@
 Three row kinds, one launch (``_fwd``: its programs are split between the parts by
 program id, the long-running ones first), scores in base 2 (s = q.k * scale * log2(e)):
 
-- summary part: SUMMARY_BLOCK_M summary rows; the slide's summaries in a
-  FlashAttention loop of SUMMARY_BLOCK_N keys (tl.dot, online softmax), plus each
-  row's own patches and global key. Blocks may straddle slides (keys masked by
-  slide). Under PAPER the global row sees only itself (o = v_global,
-  lse = q.k_global), and the program holding a slide's first pack writes it.
+- summary part: SUMMARY_BLOCK_M consecutive summary rows of one slide (row blocks never
+  straddle slides, see ``_slide_block``), so rows and keys are contiguous tokens: a
+  FlashAttention loop over the slide's summaries in SUMMARY_BLOCK_N key tiles, unmasked
+  except the last, plus each row's own patches and the global key. Under PAPER the
+  global row sees only itself (o = v_global, lse = q.k_global): the slide's first
+  summary program writes it.
 - global part (global_to_all only): the global row sees its whole slide, split
   over NSPLIT key ranges whose partial (max, sum, acc) ``_fwd_merge`` merges
   through their log-sum-exp (the second launch).
-- patch part: PATCH_BLOCK_M // K2 consecutive packs per program, their patch
-  tokens gathered as one block; block-diagonal scores (same pack) plus the summary
-  and global keys as per-row extra columns. Memory-bound, ~k*k keys a row.
+- patch part: PATCH_BLOCK_M // K2 consecutive packs of one slide per program, their
+  patch tokens gathered as one block (K2 slots a pack); block-diagonal scores (same
+  pack) plus the summary and global keys as per-row extra columns. Memory-bound,
+  ~k*k keys a row.
 
 Every program seeds its online softmax with the slide's global key, which every
 row sees, so a fully masked tile never produces inf - inf.
@@ -35,42 +37,73 @@ def _slice(X, pid_bh, H, stride_b, stride_h):
 
 
 @triton.jit
-def _patch_rows(pid, pack_start, pack_count, pack_slide, slide_token_start, P,
-                K2: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Rows of patch program pid: slot r % K2 of pack pid * (BLOCK_M // K2) + r // K2.
+def _slide_block(pid, slide_pack_start, S, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """Program pid of a part whose blocks of BLOCK packs never straddle slides.
 
-    Returns (pack, row_ok, token, the global token of the row's slide), each [BLOCK_M].
+    Block j of slide s is program slide_pack_start[s] // BLOCK + s + j: one-to-one, and every
+    program is below P // BLOCK + S (meta.slide_blocks), so the host needs no table and no sync.
+    Returns (s, first pack, packs in the block (<= 0: an idle program), the slide's pack range lo, hi).
     """
-    PACKS: tl.constexpr = BLOCK_M // K2
-    r = tl.arange(0, BLOCK_M)
-    pk = pid * PACKS + r // K2
-    row_ok = (r < PACKS * K2) & (pk < P)
-    pk = tl.where(row_ok, pk, 0)
-    cnt = tl.load(pack_count + pk, mask=row_ok, other=0)
-    row_ok = row_ok & ((r % K2) < cnt)
-    tok = tl.load(pack_start + pk, mask=row_ok, other=0) + r % K2
-    gtok = tl.load(slide_token_start + tl.load(pack_slide + pk, mask=row_ok, other=0), mask=row_ok, other=0)
-    return pk, row_ok, tok, gtok
+    s = 0
+    for c0 in range(1, S, CHUNK):  # s = how many slides s' >= 1 start at or before pid
+        c = c0 + tl.arange(0, CHUNK)
+        start = tl.load(slide_pack_start + c, mask=c < S, other=0)
+        s += tl.sum(((c < S) & (start // BLOCK + c <= pid)).to(tl.int32), 0)
+    lo = tl.load(slide_pack_start + s)
+    hi = tl.load(slide_pack_start + s + 1)
+    first = lo + (pid - lo // BLOCK - s) * BLOCK
+    return s, first, tl.minimum(hi - first, BLOCK), lo, hi
 
 
 @triton.jit
-def _summary_tile(A, B, start, hi, P, pack_summary, pack_slide, sal, sad, sbl, sbd,
-                  HEAD_A: tl.constexpr, HEAD_B: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                  BLOCK: tl.constexpr):
-    """The summary tokens of packs start .. start+BLOCK-1 (those < hi), with their rows of A and B.
+def _rows(X, tok, sl, sd, ok, HEAD: tl.constexpr, BLOCK: tl.constexpr, MASK_ROWS: tl.constexpr = True):
+    """Rows tok of one (b, h) slice of X: [M, BLOCK] in X's dtype, zero where not ok and in the pad columns.
 
-    Returns (token, slide, ok) [BLOCK] and A rows [BLOCK, BLOCK_A], B rows [BLOCK, BLOCK_B] (zeros where not ok).
+    A full head dim and MASK_ROWS=False load without a mask (vectorised along the head dim).
     """
-    p = start + tl.arange(0, BLOCK)
-    ok = p < hi
-    p = tl.where(ok, p, P - 1)
-    tok = tl.load(pack_summary + p)
-    slide = tl.load(pack_slide + p)
-    ca = tl.arange(0, BLOCK_A)
-    cb = tl.arange(0, BLOCK_B)
-    a = tl.load(A + tok[:, None] * sal + ca[None, :] * sad, mask=ok[:, None] & (ca < HEAD_A)[None, :], other=0.0)
-    b = tl.load(B + tok[:, None] * sbl + cb[None, :] * sbd, mask=ok[:, None] & (cb < HEAD_B)[None, :], other=0.0)
-    return tok, slide, ok, a, b
+    c = tl.arange(0, BLOCK)
+    ptr = X + tok[:, None] * sl + c[None, :] * sd
+    if HEAD == BLOCK:
+        if MASK_ROWS:
+            x = tl.load(ptr, mask=ok[:, None], other=0.0)
+        else:
+            x = tl.load(ptr)
+    else:
+        x = tl.load(ptr, mask=ok[:, None] & (c < HEAD)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _store_rows(X, tok, sl, sd, x, ok, HEAD: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.arange(0, BLOCK)
+    ptr = X + tok[:, None] * sl + c[None, :] * sd
+    if HEAD == BLOCK:
+        tl.store(ptr, x.to(X.dtype.element_ty), mask=ok[:, None])
+    else:
+        tl.store(ptr, x.to(X.dtype.element_ty), mask=ok[:, None] & (c < HEAD)[None, :])
+
+
+@triton.jit
+def _vec(X, t, sl, sd, HEAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Row t of one (b, h) slice of X as fp32 [BLOCK] (zero pad)."""
+    c = tl.arange(0, BLOCK)
+    return tl.load(X + t * sl + c * sd, mask=c < HEAD, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _patch_rows(first, count, pack_start, pack_count, K2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows of the packs first .. first+count-1: slot r % K2 of pack first + r // K2.
+
+    Returns (pack, slot, row_ok, token), each [BLOCK_M]; pack is clamped to a real pack.
+    """
+    r = tl.arange(0, BLOCK_M)
+    local = r // K2
+    slot = r % K2
+    row_ok = local < count
+    pk = tl.where(row_ok, first + local, first)
+    row_ok = row_ok & (slot < tl.load(pack_count + pk))
+    tok = tl.load(pack_start + pk) + slot
+    return pk, slot, row_ok, tok
 
 
 @triton.jit
@@ -93,127 +126,122 @@ def _merge_key_block(m, l, acc, s, v, PREC: tl.constexpr):
 
 
 @triton.jit
+def _summary_keys(q, m, l, acc, K, V, kt, n_ok, skl, skd, svl, svd, qk_scale,
+                  HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  MASKED: tl.constexpr, PREC: tl.constexpr):
+    """One tile of summary keys kt [N] (the first n_ok real when MASKED) into the online softmax."""
+    kok = tl.arange(0, kt.shape[0]) < n_ok
+    k = _rows(K, kt, skl, skd, kok, HEAD_D, BLOCK_D, MASKED)  # [BLOCK_N, D]
+    v = _rows(V, kt, svl, svd, kok, HEAD_DV, BLOCK_DV, MASKED)  # [BLOCK_N, DV]
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        s = tl.where(kok[None, :], s, float("-inf"))
+    return _merge_key_block(m, l, acc, s, v, PREC)
+
+
+@triton.jit
 def _patch_fwd(
     pid, Q, K, V, O, LSE,
-    pack_start, pack_count, pack_summary, pack_slide, slide_token_start,
+    pack_start, pack_count, pack_summary, slide_token_start, slide_pack_start,
     sql, sqd, skl, skd, svl, svd, sol, sod,
-    P, qk_scale,
+    S, qk_scale,
     K2: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
     PATCH_SEES_SUMMARY: tl.constexpr, PREC: tl.constexpr,
 ):
     """Patch program pid on one (b, h) slice (pointers already moved there)."""
-    pk, row_ok, tok, gtok = _patch_rows(pid, pack_start, pack_count, pack_slide, slide_token_start, P, K2, BLOCK_M)
+    slide, first, count, lo, hi = _slide_block(pid, slide_pack_start, S, BLOCK_M // K2, CHUNK)
+    if count > 0:
+        pk, slot, row_ok, tok = _patch_rows(first, count, pack_start, pack_count, K2, BLOCK_M)
+        g = tl.load(slide_token_start + slide)
+        q = _rows(Q, tok, sql, sqd, row_ok, HEAD_D, BLOCK_D)  # [BLOCK_M, D]
 
-    d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    qmask = row_ok[:, None] & (d < HEAD_D)[None, :]
-    vmask = row_ok[:, None] & (dv < HEAD_DV)[None, :]
-    q = tl.load(Q + tok[:, None] * sql + d[None, :] * sqd, mask=qmask, other=0.0)  # [BLOCK_M, D]
-    qf = q.to(tl.float32)
+        # the slide's global key seeds the softmax
+        m = tl.sum(q.to(tl.float32) * _vec(K, g, skl, skd, HEAD_D, BLOCK_D)[None, :], 1) * qk_scale  # [BLOCK_M]
+        l = tl.full([BLOCK_M], 1.0, tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32) + _vec(V, g, svl, svd, HEAD_DV, BLOCK_DV)[None, :]
 
-    # the slide's global key seeds the softmax
-    kg = tl.load(K + gtok[:, None] * skl + d[None, :] * skd, mask=qmask, other=0.0).to(tl.float32)
-    m = tl.sum(qf * kg, 1) * qk_scale  # [BLOCK_M]
-    l = tl.full([BLOCK_M], 1.0, tl.float32)
-    acc = tl.load(V + gtok[:, None] * svl + dv[None, :] * svd, mask=vmask, other=0.0).to(tl.float32)
+        if PATCH_SEES_SUMMARY:
+            stok = tl.load(pack_summary + pk)
+            ks = _rows(K, stok, skl, skd, row_ok, HEAD_D, BLOCK_D).to(tl.float32)
+            vs = _rows(V, stok, svl, svd, row_ok, HEAD_DV, BLOCK_DV).to(tl.float32)
+            m, l, acc = _merge_row_key(m, l, acc, tl.sum(q.to(tl.float32) * ks, 1) * qk_scale, vs)
 
-    if PATCH_SEES_SUMMARY:
-        stok = tl.load(pack_summary + pk, mask=row_ok, other=0)
-        ks = tl.load(K + stok[:, None] * skl + d[None, :] * skd, mask=qmask, other=0.0).to(tl.float32)
-        vs = tl.load(V + stok[:, None] * svl + dv[None, :] * svd, mask=vmask, other=0.0).to(tl.float32)
-        m, l, acc = _merge_row_key(m, l, acc, tl.sum(qf * ks, 1) * qk_scale, vs)
+        k = _rows(K, tok, skl, skd, row_ok, HEAD_D, BLOCK_D)  # [BLOCK_M, D]
+        v = _rows(V, tok, svl, svd, row_ok, HEAD_DV, BLOCK_DV)  # [BLOCK_M, DV]
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_M]
+        s = tl.where((pk[:, None] == pk[None, :]) & row_ok[None, :], s, float("-inf"))
+        m, l, acc = _merge_key_block(m, l, acc, s, v, PREC)
 
-    k = tl.load(K + tok[:, None] * skl + d[None, :] * skd, mask=qmask, other=0.0)  # [BLOCK_M, D]
-    v = tl.load(V + tok[:, None] * svl + dv[None, :] * svd, mask=vmask, other=0.0)  # [BLOCK_M, DV]
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_M]
-    same_pack = (pk[:, None] == pk[None, :]) & row_ok[None, :]
-    s = tl.where(same_pack, s, float("-inf"))
-    m, l, acc = _merge_key_block(m, l, acc, s, v, PREC)
-
-    acc = acc / l[:, None]
-    tl.store(O + tok[:, None] * sol + dv[None, :] * sod, acc.to(O.dtype.element_ty), mask=vmask)
-    tl.store(LSE + tok, m + tl.math.log2(l), mask=row_ok)
+        _store_rows(O, tok, sol, sod, acc / l[:, None], row_ok, HEAD_DV, BLOCK_DV)
+        tl.store(LSE + tok, m + tl.math.log2(l), mask=row_ok)
 
 
 @triton.jit
 def _summary_fwd(
     pid, Q, K, V, O, LSE,
-    pack_start, pack_count, pack_summary, pack_slide, slide_token_start, slide_pack_start,
+    pack_start, pack_count, slide_token_start, slide_pack_start,
     sql, sqd, skl, skd, svl, svd, sol, sod,
-    P, qk_scale,
+    S, qk_scale,
     K2: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GLOBAL_SEES_ALL: tl.constexpr, PREC: tl.constexpr,
+    CHUNK: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Summary program pid on one (b, h) slice; under PAPER also the global rows of its slides' first packs."""
-    # rows: the summaries of packs pid * BLOCK_M ...
-    first = pid * BLOCK_M
-    rp = first + tl.arange(0, BLOCK_M)  # [BLOCK_M] pack ids
-    row_ok = rp < P
-    rp = tl.where(row_ok, rp, P - 1)
-    slide = tl.load(pack_slide + rp)
-    tok = tl.load(pack_summary + rp)
-    gtok = tl.load(slide_token_start + slide)
+    """Summary program pid on one (b, h) slice; under PAPER the slide's first one also writes the global row."""
+    slide, first, count, lo, hi = _slide_block(pid, slide_pack_start, S, BLOCK_M, CHUNK)
+    if count > 0:
+        g = tl.load(slide_token_start + slide)  # the slide's summaries are tokens g+1 .. g+(hi-lo)
+        r = tl.arange(0, BLOCK_M)
+        row_ok = r < count
+        tok = g + 1 + (first - lo) + r  # [BLOCK_M]
+        rp = tl.where(row_ok, first + r, first)  # their packs
+        q = _rows(Q, tok, sql, sqd, row_ok, HEAD_D, BLOCK_D)  # [BLOCK_M, D]
+        qf = q.to(tl.float32)
 
-    d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    qmask = row_ok[:, None] & (d < HEAD_D)[None, :]
-    vmask = row_ok[:, None] & (dv < HEAD_DV)[None, :]
-    q = tl.load(Q + tok[:, None] * sql + d[None, :] * sqd, mask=qmask, other=0.0)  # [BLOCK_M, D]
-    qf = q.to(tl.float32)
+        kg = _vec(K, g, skl, skd, HEAD_D, BLOCK_D)
+        vg = _vec(V, g, svl, svd, HEAD_DV, BLOCK_DV)
+        m = tl.sum(qf * kg[None, :], 1) * qk_scale
+        l = tl.full([BLOCK_M], 1.0, tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32) + vg[None, :]
 
-    kg = tl.load(K + gtok[:, None] * skl + d[None, :] * skd, mask=qmask, other=0.0).to(tl.float32)
-    m = tl.sum(qf * kg, 1) * qk_scale
-    l = tl.full([BLOCK_M], 1.0, tl.float32)
-    acc = tl.load(V + gtok[:, None] * svl + dv[None, :] * svd, mask=vmask, other=0.0).to(tl.float32)
+        if not GLOBAL_SEES_ALL:
+            if first == lo:  # the global row sees only itself: o = v_global, lse = q.k_global
+                sg = tl.sum(_vec(Q, g, sql, sqd, HEAD_D, BLOCK_D) * kg, 0) * qk_scale
+                c = tl.arange(0, BLOCK_DV)
+                tl.store(O + g * sol + c * sod, (vg * tl.math.exp2(sg - sg)).to(O.dtype.element_ty),
+                         mask=c < HEAD_DV)  # NaN when the logit is (as the softmax)
+                tl.store(LSE + g, sg)
 
-    if not GLOBAL_SEES_ALL:  # the global row sees only itself: o = v_global, lse = q.k_global
-        gmask = row_ok & (rp == tl.load(slide_pack_start + slide))  # rows holding their slide's first pack
-        qg = tl.load(Q + gtok[:, None] * sql + d[None, :] * sqd, mask=gmask[:, None] & (d < HEAD_D)[None, :],
-                     other=0.0).to(tl.float32)
-        sg = tl.sum(qg * kg, 1) * qk_scale
-        og = acc * tl.math.exp2(sg - sg)[:, None]  # v_global; NaN when the logit is (as the softmax)
-        tl.store(O + gtok[:, None] * sol + dv[None, :] * sod, og.to(O.dtype.element_ty),
-                 mask=gmask[:, None] & (dv < HEAD_DV)[None, :])
-        tl.store(LSE + gtok, sg, mask=gmask)
+        # the pack's own patches, one slot at a time
+        pstart = tl.load(pack_start + rp)
+        pcnt = tl.load(pack_count + rp)
+        for j in range(K2):  # not unrolled: keeps compile time down
+            ok = row_ok & (j < pcnt)
+            kj = _rows(K, pstart + j, skl, skd, ok, HEAD_D, BLOCK_D).to(tl.float32)
+            vj = _rows(V, pstart + j, svl, svd, ok, HEAD_DV, BLOCK_DV).to(tl.float32)
+            m, l, acc = _merge_row_key(m, l, acc, tl.where(ok, tl.sum(qf * kj, 1) * qk_scale, float("-inf")), vj)
 
-    # the pack's own patches, one slot at a time
-    pstart = tl.load(pack_start + rp)
-    pcnt = tl.load(pack_count + rp)
-    for j in range(K2):  # not unrolled: keeps compile time down
-        ok = row_ok & (j < pcnt)
-        kt = pstart + j
-        kj = tl.load(K + kt[:, None] * skl + d[None, :] * skd, mask=ok[:, None] & (d < HEAD_D)[None, :],
-                     other=0.0).to(tl.float32)
-        vj = tl.load(V + kt[:, None] * svl + dv[None, :] * svd, mask=ok[:, None] & (dv < HEAD_DV)[None, :],
-                     other=0.0).to(tl.float32)
-        sj = tl.where(ok, tl.sum(qf * kj, 1) * qk_scale, float("-inf"))
-        m, l, acc = _merge_row_key(m, l, acc, sj, vj)
+        # every summary of the slide: whole tiles unmasked, then the rest
+        n_keys = hi - lo
+        n_full = n_keys // BLOCK_N
+        kt = g + 1 + tl.arange(0, BLOCK_N)
+        for _ in range(n_full):
+            m, l, acc = _summary_keys(q, m, l, acc, K, V, kt, BLOCK_N, skl, skd, svl, svd, qk_scale,
+                                      HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, False, PREC)
+            kt += BLOCK_N
+        if n_full * BLOCK_N < n_keys:
+            m, l, acc = _summary_keys(q, m, l, acc, K, V, kt, n_keys - n_full * BLOCK_N, skl, skd, svl, svd,
+                                      qk_scale, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True, PREC)
 
-    # every summary of the row's slide, BLOCK_N at a time
-    last = tl.minimum(first + BLOCK_M, P) - 1
-    lo = tl.load(slide_pack_start + tl.load(pack_slide + first))
-    hi = tl.load(slide_pack_start + tl.load(pack_slide + last) + 1)
-    for n0 in range(lo, hi, BLOCK_N):
-        ktok, kslide, kok, k, v = _summary_tile(K, V, n0, hi, P, pack_summary, pack_slide, skl, skd, svl, svd,
-                                                HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N)  # k [BLOCK_N, D]
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
-        s = tl.where((slide[:, None] == kslide[None, :]) & kok[None, :], s, float("-inf"))
-        m, l, acc = _merge_key_block(m, l, acc, s, v, PREC)
-
-    acc = acc / l[:, None]
-    tl.store(O + tok[:, None] * sol + dv[None, :] * sod, acc.to(O.dtype.element_ty), mask=vmask)
-    tl.store(LSE + tok, m + tl.math.log2(l), mask=row_ok)
+        _store_rows(O, tok, sol, sod, acc / l[:, None], row_ok, HEAD_DV, BLOCK_DV)
+        tl.store(LSE + tok, m + tl.math.log2(l), mask=row_ok)
 
 
 @triton.jit
-def _global_range(slide_token_start, s, split, NSPLIT: tl.constexpr, SEES_ALL: tl.constexpr):
-    """The global token of slide s and split `split` of the tokens its row attends to."""
+def _global_range(slide_token_start, s, split, NSPLIT: tl.constexpr):
+    """The global token of slide s and split `split` of its slide's tokens."""
     t0 = tl.load(slide_token_start + s)
     t1 = tl.load(slide_token_start + s + 1)
-    if not SEES_ALL:
-        t1 = t0 + 1
     chunk = (t1 - t0 + NSPLIT - 1) // NSPLIT
     lo = t0 + split * chunk
     hi = tl.minimum(lo + chunk, t1)
@@ -228,27 +256,25 @@ def _global_fwd_split(
     NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Split `split` of slide s's global row (it sees the whole slide): partial (acc, max, sum) into PART."""
-    g, lo, hi = _global_range(slide_token_start, s, split, NSPLIT, True)
-    d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + g * sql + d * sqd, mask=d < HEAD_D, other=0.0).to(tl.float32)  # [D]
+    g, lo, hi = _global_range(slide_token_start, s, split, NSPLIT)
+    q = _vec(Q, g, sql, sqd, HEAD_D, BLOCK_D)  # [D]
     m = tl.full([], float("-inf"), tl.float32)
     l = tl.full([], 0.0, tl.float32)
     acc = tl.zeros([BLOCK_DV], tl.float32)
     for n0 in range(lo, hi, BLOCK_N):  # a non-empty tile each time: m turns finite at once
         t = n0 + tl.arange(0, BLOCK_N)
         ok = t < hi
-        k = tl.load(K + t[:, None] * skl + d[None, :] * skd, mask=ok[:, None] & (d < HEAD_D)[None, :], other=0.0)
-        v = tl.load(V + t[:, None] * svl + dv[None, :] * svd, mask=ok[:, None] & (dv < HEAD_DV)[None, :], other=0.0)
-        sc = tl.where(ok, tl.sum(k.to(tl.float32) * q[None, :], 1) * qk_scale, float("-inf"))  # [BLOCK_N]
+        k = _rows(K, t, skl, skd, ok, HEAD_D, BLOCK_D).to(tl.float32)
+        v = _rows(V, t, svl, svd, ok, HEAD_DV, BLOCK_DV).to(tl.float32)
+        sc = tl.where(ok, tl.sum(k * q[None, :], 1) * qk_scale, float("-inf"))  # [BLOCK_N]
         m_new = tl.maximum(m, tl.max(sc, 0))
         alpha = tl.math.exp2(m - m_new)
         p = tl.math.exp2(sc - m_new)
         l = l * alpha + tl.sum(p, 0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
         m = m_new
     part = PART + ((pid_bh.to(tl.int64) * S + s) * NSPLIT + split) * (BLOCK_DV + 2)  # [acc, max, sum]
-    tl.store(part + dv, acc)
+    tl.store(part + tl.arange(0, BLOCK_DV), acc)
     tl.store(part + BLOCK_DV, m)  # -inf and 0 for an empty split
     tl.store(part + BLOCK_DV + 1, l)
 
@@ -256,12 +282,12 @@ def _global_fwd_split(
 @triton.jit(do_not_specialize=["L", "P", "S"])
 def _fwd(
     Q, K, V, O, LSE, PART,
-    pack_start, pack_count, pack_summary, pack_slide, slide_token_start, slide_pack_start,
+    pack_start, pack_count, pack_summary, slide_token_start, slide_pack_start,
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
     H, L, P, S, qk_scale,
     K2: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     SUMMARY_BLOCK_M: tl.constexpr, SUMMARY_BLOCK_N: tl.constexpr, GLOBAL_BLOCK_N: tl.constexpr,
-    PATCH_BLOCK_M: tl.constexpr, NSPLIT: tl.constexpr,
+    PATCH_BLOCK_M: tl.constexpr, NSPLIT: tl.constexpr, CHUNK: tl.constexpr,
     PATCH_SEES_SUMMARY: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr, PREC: tl.constexpr,
 ):
     """Program axis 0: summary programs, then (global_to_all) S * NSPLIT global splits, then patch programs."""
@@ -274,26 +300,22 @@ def _fwd(
     V = _slice(V, pid_bh, H, svb, svh)
     O = _slice(O, pid_bh, H, sob, soh)
     LSE += pid_bh.to(tl.int64) * L
-    n_summary = tl.cdiv(P, SUMMARY_BLOCK_M)
+    n_summary = P // SUMMARY_BLOCK_M + S  # meta.slide_blocks
+    n_global = S * NSPLIT if GLOBAL_SEES_ALL else 0
     if pid < n_summary:
-        _summary_fwd(pid, Q, K, V, O, LSE, pack_start, pack_count, pack_summary, pack_slide, slide_token_start,
-                     slide_pack_start, sql, sqd, skl, skd, svl, svd, sol, sod, P, qk_scale,
-                     K2, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, SUMMARY_BLOCK_M, SUMMARY_BLOCK_N, GLOBAL_SEES_ALL, PREC)
-    else:
+        _summary_fwd(pid, Q, K, V, O, LSE, pack_start, pack_count, slide_token_start, slide_pack_start,
+                     sql, sqd, skl, skd, svl, svd, sol, sod, S, qk_scale,
+                     K2, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, SUMMARY_BLOCK_M, SUMMARY_BLOCK_N, CHUNK,
+                     GLOBAL_SEES_ALL, PREC)
+    elif pid < n_summary + n_global:
         pid -= n_summary
-        if GLOBAL_SEES_ALL:
-            if pid < S * NSPLIT:
-                _global_fwd_split(pid % NSPLIT, pid // NSPLIT, pid_bh, Q, K, V, PART, slide_token_start,
-                                  sql, sqd, skl, skd, svl, svd, S, qk_scale,
-                                  HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, NSPLIT, GLOBAL_BLOCK_N)
-            else:
-                _patch_fwd(pid - S * NSPLIT, Q, K, V, O, LSE, pack_start, pack_count, pack_summary, pack_slide,
-                           slide_token_start, sql, sqd, skl, skd, svl, svd, sol, sod, P, qk_scale,
-                           K2, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, PATCH_BLOCK_M, PATCH_SEES_SUMMARY, PREC)
-        else:
-            _patch_fwd(pid, Q, K, V, O, LSE, pack_start, pack_count, pack_summary, pack_slide,
-                       slide_token_start, sql, sqd, skl, skd, svl, svd, sol, sod, P, qk_scale,
-                       K2, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, PATCH_BLOCK_M, PATCH_SEES_SUMMARY, PREC)
+        _global_fwd_split(pid % NSPLIT, pid // NSPLIT, pid_bh, Q, K, V, PART, slide_token_start,
+                          sql, sqd, skl, skd, svl, svd, S, qk_scale,
+                          HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, NSPLIT, GLOBAL_BLOCK_N)
+    else:
+        _patch_fwd(pid - n_summary - n_global, Q, K, V, O, LSE, pack_start, pack_count, pack_summary,
+                   slide_token_start, slide_pack_start, sql, sqd, skl, skd, svl, svd, sol, sod, S, qk_scale,
+                   K2, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, PATCH_BLOCK_M, CHUNK, PATCH_SEES_SUMMARY, PREC)
 
 
 @triton.jit(do_not_specialize=["S", "L"])
@@ -343,7 +365,7 @@ def attention_fwd(q, k, v, lay: meta.LayoutArgs, scale: float, flags: meta.MaskF
     bd, bdv = meta.block_d(d), meta.block_d(dv)
     o = meta.new_buffer((b, h, n_tok, dv), q.dtype, q.device)
     lse = meta.new_buffer((b, h, n_tok), torch.float32, q.device)
-    n_programs = meta.cdiv(p, fwd["SUMMARY_BLOCK_M"]) + meta.cdiv(p, fwd["PATCH_BLOCK_M"] // k2)
+    n_programs = meta.slide_blocks(p, s, fwd["SUMMARY_BLOCK_M"]) + meta.slide_blocks(p, s, fwd["PATCH_BLOCK_M"] // k2)
     nsplit, part = 1, lse  # PAPER: no global splits
     if flags.global_sees_all:
         nsplit = meta.num_splits(meta.size_bucket(n_tok), split_tokens)
@@ -351,10 +373,10 @@ def attention_fwd(q, k, v, lay: meta.LayoutArgs, scale: float, flags: meta.MaskF
         n_programs += s * nsplit
     meta.launch(_fwd, (n_programs, b * h), fwd,
                 q, k, v, o, lse, part, lay.pack_patch_start, lay.pack_patch_count, lay.pack_summary_token,
-                lay.pack_slide, lay.slide_token_start, lay.slide_pack_start,
+                lay.slide_token_start, lay.slide_pack_start,
                 *meta.strides(q), *meta.strides(k), *meta.strides(v), *meta.strides(o),
                 h, n_tok, p, s, scale * meta.LOG2E,
-                K2=k2, HEAD_D=d, HEAD_DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, NSPLIT=nsplit,
+                K2=k2, HEAD_D=d, HEAD_DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, NSPLIT=nsplit, CHUNK=meta.SLIDE_CHUNK,
                 PREC=meta.dot_precision(q.dtype), **flags.constexprs())
     if flags.global_sees_all:
         meta.launch(_fwd_merge, (s, b * h), cfg["fwd_merge"],

@@ -27,6 +27,7 @@ POISON_OUTPUTS = False
 MAX_HEAD_DIM = 256
 MIN_SIZE_BUCKET = 4 ** 7  # tokens; buckets are powers of 4 from here (16384, 65536, 262144, ...)
 MAX_SPLITS = 128
+SLIDE_CHUNK = 256  # slides a kernel scans at once when it maps a program to its slide
 LOG2E = 1.4426950408889634
 
 
@@ -87,6 +88,11 @@ def block_d(d: int) -> int:
 def cdiv(a: int, b: int) -> int:
     """triton.cdiv without its constexpr wrapper (microseconds a call on the host)."""
     return (a + b - 1) // b
+
+
+def slide_blocks(num_packs: int, num_slides: int, block: int) -> int:
+    """Programs of a part whose blocks of `block` packs never straddle slides (see triton_fwd._slide_block)."""
+    return num_packs // block + num_slides
 
 
 def size_bucket(num_tokens: int) -> int:
