@@ -12,9 +12,9 @@
 #                                   forward+backward, eager and compiled, 36,864 and 103,041 patches; one training
 #                                   step on 199,809 patches with activation checkpointing), then one LoRA finetune
 #                                   step of the 7B-shaped Llama (benchmarks/llm_step.py); not yet timed on a GPU;
-#   benchmarks/gpu_check.sh tune    regenerate the kernels' launch-config table for this card
-#                                   (benchmarks/tune_triton.py, 420 s budget) into $OUT/triton_configs.json: commit it
-#                                   to kernels/ after checking it;
+#   benchmarks/gpu_check.sh tune    regenerate the kernels' launch-config table for this card at the benchmark's
+#                                   size buckets (benchmarks/tune_triton.py, 420 s budget) into
+#                                   $OUT/triton_configs.json: commit it to kernels/ after checking it;
 #   benchmarks/gpu_check.sh all     tests and bench, one after the other (more than one device call's worth).
 # Results go to $OUT (default benchmarks/results/gpu). The device machine has torch and triton but no package
 # registry, so the repo is installed without dependencies.
@@ -33,7 +33,7 @@ SECONDS=0
 
 if [ "$STAGE" = tune ]; then
   cp kernels/triton_configs.json "$OUT/triton_configs.json"
-  timeout 480 python3 -m benchmarks.tune_triton --budget-s 420 --out "$OUT/triton_configs.json" 2>&1 | tee -a "$OUT/tune.log"
+  timeout 480 python3 -m benchmarks.tune_triton --budget-s 420 --sizes 16384 65536 262144 --out "$OUT/triton_configs.json" 2>&1 | tee -a "$OUT/tune.log"
   echo "tune: rc ${PIPESTATUS[0]} after ${SECONDS} s"
   exit 0
 fi

@@ -453,10 +453,12 @@ def attention_bwd(do, q, k, v, o, lse, lay: meta.LayoutArgs, scale: float, flags
     n_patch = meta.slide_blocks(p, s, patch_packs)
     n_sem = meta.slide_blocks(p, s, bwd["SUMMARY_BLOCK_M"]) if bwd["DQ_ORDERED"] else 0
     dq, dk, dvv = (meta.new_buffer(t.shape, t.dtype, t.device) for t in (q, k, v))  # contiguous
-    delta = meta.new_buffer((b, h, n_tok), torch.float32, q.device)  # global and summary rows only
-    dq_sum, dq_row = (meta.new_buffer((b * h * p * bd,), torch.float32, q.device) for _ in range(2))
-    part = meta.new_buffer((b * h * n_patch * (2 * bd + bdv),), torch.float32, q.device)  # [dq, dk, dv]
-    sem = torch.empty((max(1, b * h * n_sem),), dtype=torch.int32, device=q.device)
+    # one fp32 workspace: delta (global and summary rows only), the summary rows' two dq buffers, the patch
+    # programs' partials [dq, dk, dv], the semaphores (int32, zeroed by _bwd_prep); each part 128-byte aligned
+    sizes = tuple(-(-n // 32) * 32 for n in (b * h * n_tok, b * h * p * bd, b * h * p * bd,
+                                              b * h * n_patch * (2 * bd + bdv), max(1, b * h * n_sem)))
+    delta, dq_sum, dq_row, part, sem = meta.new_buffer((sum(sizes),), torch.float32, q.device).split(sizes)
+    sem = sem.view(torch.int32)
     layout = (lay.pack_patch_start, lay.pack_patch_count, lay.pack_summary_token, lay.slide_token_start,
               lay.slide_pack_start)
 

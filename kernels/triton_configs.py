@@ -63,7 +63,7 @@ class Knob(NamedTuple):
 # What tuning tries, one knob at a time from the table's row (coordinate descent):
 # the candidates of the v1 autotune lists, now per part of the fused launches, and the split size.
 KNOBS = (
-    Knob("fwd", ("SUMMARY_BLOCK_M", "SUMMARY_BLOCK_N"), ((64, 64), (128, 64), (64, 32), (128, 32))),
+    Knob("fwd", ("SUMMARY_BLOCK_M", "SUMMARY_BLOCK_N"), ((64, 64), (128, 64), (128, 128), (64, 32), (128, 32))),
     Knob("fwd", ("PATCH_BLOCK_M",), ((32,), (16,), (64,))),
     Knob("fwd", ("GLOBAL_BLOCK_N",), ((64,), (128,)), global_only=True),
     Knob("fwd", ("SPLIT_TOKENS",), ((2048,), (1024,), (4096,)), global_only=True),

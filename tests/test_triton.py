@@ -472,11 +472,14 @@ def test_gpu_dtypes(dtype, rules, k):
     assert_matches(layout, rules, q, k_, v, tol=tol)
 
 
-# Compiles every kernel for its arch (sm_90 for the '*' rows) with each GPU row of the config table, the backward
-# also with DQ_ORDERED flipped (tuning may pick either), fp16, head_dim 64, PAPER's and BIDIRECTIONAL's flags,
-# without a GPU: the interpreter forgives what the compiler rejects (e.g. loop-carried types). Specialised as a
-# launch on contiguous tensors is (unit head-dim strides, 16-divisible pointers and row strides); the scales are
-# typed fp64, as inductor passes Python floats under torch.compile. Prints each binary's registers and spill stack.
+# Compiles every kernel with each GPU row of the config table, without a GPU (the interpreter forgives what the
+# compiler rejects, e.g. loop-carried types, and knows no shared-memory limit): '*'-arch rows for sm_80, whose
+# binaries must fit the smallest sm_80+ shared memory (99 KB, sm_86/89), an sm_XY row for its arch; at the row's
+# head dim (64 if '*'), pack size 3; fp16 under PAPER's and BIDIRECTIONAL's flags (TOPOPACK_COMPILE_FP32=1: fp32,
+# twice the shared memory, under BIDIRECTIONAL's too); the backward also with DQ_ORDERED flipped (tuning may pick
+# either). Specialised as a launch
+# on contiguous tensors is (unit head-dim strides, 16-divisible pointers and row strides); the scales are typed fp64,
+# as inductor passes Python floats under torch.compile. Prints each binary's registers, spill stack, shared memory.
 COMPILE_FOR_GPU = r"""
 import os, re, subprocess, tempfile
 import triton
@@ -484,59 +487,76 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from topopack.kernels import triton_bwd as B, triton_configs as C, triton_fwd as F
 
-POINTERS = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "O": "*fp16", "DO": "*fp16", "DQ": "*fp16", "DK": "*fp16",
-            "DV": "*fp16", "LSE": "*fp32", "DELTA": "*fp32", "PART": "*fp32", "DQ_SUM": "*fp32", "DQ_ROW": "*fp32",
-            "SEM": "*i32"}
+FP32 = os.environ.get("TOPOPACK_COMPILE_FP32") == "1"  # fp32 too: slow (10-25 s a kernel), twice the shared memory
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 UNIT_STRIDES = ("sqd", "skd", "svd", "sod", "sdd")
-dims = dict(HEAD_D=64, HEAD_DV=64, BLOCK_D=64, BLOCK_DV=64, K2=9, CHUNK=256, NSPLIT=32, PREC="tf32")
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-rows = {row["arch"] for row in C.table() if row["arch"] != "interpret"}
+
+
+def compile_one(kernel, params, target, dtype, consts_given):
+    params = dict(params)
+    options = dict(num_warps=params.pop("num_warps"), num_stages=params.pop("num_stages"))
+    params.pop("SPLIT_TOKENS", None)
+    pointers = dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), "*" + dtype)
+    pointers.update(dict.fromkeys(("LSE", "DELTA", "PART", "DQ_SUM", "DQ_ROW"), "*fp32"), SEM="*i32")
+    given = dict(consts_given, **dict.fromkeys(UNIT_STRIDES, 1), **params,
+                 PATCH_PACKS=params.get("PATCH_BLOCK_M", 32) // 9 * params.get("PATCH_ITERS", 1))
+    consts = {n: given[n] for n in kernel.arg_names if n in given}
+    sig = {n: "constexpr" if n in consts else pointers.get(n, "fp64" if n.endswith("scale") else
+           "*i64" if n.islower() and ("pack" in n or "slide" in n) else "i32") for n in kernel.arg_names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+               if sig[n].startswith("*") or re.fullmatch("s[a-z][bhl]", n)}
+    binary = triton.compile(ASTSource(kernel, sig, {(kernel.arg_names.index(n),): v for n, v in consts.items()},
+                                      aligned), target=target, options=options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(binary.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    regs, stack = (int(re.search(rf"{w}:(\d+)", usage).group(1)) for w in ("REG", "STACK"))
+    return regs, stack, binary.metadata.shared
+
+
+rows = [row for row in C.table() if row["arch"] != "interpret"]
 compiled = 0
-for arch in sorted(rows):
-    cfg = C.lookup(C.Key("x" if arch == "*" else arch, 64, 3, 65536))
-    target = GPUTarget("cuda", 90 if arch == "*" else int(arch[2:]), 32)
-    for flag in (False, True):
-        flags = dict(PATCH_SEES_SUMMARY=flag, GLOBAL_SEES_ALL=flag)
-        runs = [(F._fwd, cfg["fwd"]), (F._fwd_merge, cfg["fwd_merge"]), (B._bwd_prep, cfg["bwd_prep"]),
-                (B._bwd, cfg["bwd"]), (B._bwd, dict(cfg["bwd"], DQ_ORDERED=1 - cfg["bwd"]["DQ_ORDERED"])),
-                (B._bwd_merge, cfg["bwd_merge"])]
+for row in rows:
+    cc = 80 if row["arch"] == "*" else int(row["arch"][2:])
+    limit = SHARED_LIMIT[86] if row["arch"] == "*" else SHARED_LIMIT[cc]
+    d = 64 if row["head_dim"] == "*" else row["head_dim"]
+    cfg = C.lookup(C.Key("x" if row["arch"] == "*" else row["arch"], d, 3, 65536))
+    for dtype, flag in (("fp16", False), ("fp16", True)) + ((("fp32", True),) if FP32 else ()):
+        given = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=d, BLOCK_DV=d, K2=9, CHUNK=256, NSPLIT=32,
+                     PREC="ieee" if dtype == "fp32" else "tf32", PATCH_SEES_SUMMARY=flag, GLOBAL_SEES_ALL=flag)
+        runs = [(F._fwd, cfg["fwd"]), (B._bwd, cfg["bwd"])]
+        if dtype == "fp32" or not flag:
+            runs += [(B._bwd, dict(cfg["bwd"], DQ_ORDERED=1 - cfg["bwd"]["DQ_ORDERED"]))]
+        if dtype == "fp16":
+            runs += [(F._fwd_merge, cfg["fwd_merge"]), (B._bwd_prep, cfg["bwd_prep"]), (B._bwd_merge, cfg["bwd_merge"])]
         for kernel, params in runs:
-            params = dict(params)
-            options = dict(num_warps=params.pop("num_warps"), num_stages=params.pop("num_stages"))
-            params.pop("SPLIT_TOKENS", None)
-            packs = params.get("PATCH_BLOCK_M", 32) // 9 * params.get("PATCH_ITERS", 1)
-            given = dict(PATCH_PACKS=packs, **dict.fromkeys(UNIT_STRIDES, 1), **dims, **flags, **params)
-            consts = {n: given[n] for n in kernel.arg_names if n in given}
-            sig = {n: "constexpr" if n in consts else POINTERS.get(n, "fp64" if n.endswith("scale") else
-                   "*i64" if n.islower() and ("pack" in n or "slide" in n) else "i32") for n in kernel.arg_names}
-            aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
-                       if sig[n].startswith("*") or re.fullmatch("s[a-z][bhl]", n)}
-            binary = triton.compile(ASTSource(kernel, sig, {(kernel.arg_names.index(n),): v for n, v in consts.items()},
-                                              aligned), target=target, options=options)
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(binary.asm["cubin"])
-                f.flush()
-                usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True)
-            regs, stack = (int(re.search(rf"{w}:(\d+)", usage.stdout).group(1)) for w in ("REG", "STACK"))
+            regs, stack, shared = compile_one(kernel, params, GPUTarget("cuda", cc, 32), dtype, given)
             compiled += 1
-            print("compiled", kernel.__name__, arch, params, options, flags, "registers", regs, "spill stack", stack,
-                  "shared", binary.metadata.shared, flush=True)
+            print("compiled", kernel.__name__, f"sm_{cc}", "head_dim", d, dtype, "global_to_all", flag,
+                  {k: v for k, v in params.items()}, "registers", regs, "spill stack", stack, "shared", shared,
+                  "limit", limit, flush=True)
 print("compiled kernels", compiled, "rows", len(rows))
 """
 
 
 @pytest.mark.skipif(ON_GPU, reason="the GPU tests compile the kernels for real")
 def test_kernels_compile_for_the_gpu_rows():
+    """Every GPU row fits its arch's shared memory; the sm_90 row at head_dim 64 in fp16 (the benchmark's) spills no
+    registers under PAPER and at most 128 bytes under global_to_all's extra terms (the other rows' spills are printed)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPU], env=env, capture_output=True, text=True,
-                            timeout=600)
+                            timeout=1800)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     rows = int(result.stdout.split("rows")[-1])
-    assert rows >= 2 and result.stdout.count("compiled _") == 2 * 6 * rows
-    # none under PAPER (what the benchmark runs); the global_to_all extras may spill a little
-    stacks = [(line, int(line.split("spill stack ")[1].split()[0])) for line in result.stdout.splitlines()
-              if "spill stack" in line]
-    spills = [line for line, stack in stacks if stack > (0 if "'GLOBAL_SEES_ALL': False" in line else 128)]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("compiled _")]
+    assert rows >= 4 and len(lines) == (11 + 3 * (os.environ.get("TOPOPACK_COMPILE_FP32") == "1")) * rows
+    number = lambda line, word: int(line.split(word + " ")[1].split()[0])  # noqa: E731
+    too_big = [line for line in lines if number(line, "shared") > number(line, "limit")]
+    assert not too_big, "over the shared memory:\n" + "\n".join(too_big)
+    spills = [line for line in lines if "sm_90 head_dim 64 fp16" in line
+              and number(line, "stack") > (128 if "global_to_all True" in line else 0)]
     assert not spills, "register spills:\n" + "\n".join(spills)
 
 
