@@ -128,15 +128,29 @@ def _merge_key_block(m, l, acc, s, v, PREC: tl.constexpr):
 @triton.jit
 def _summary_keys(q, m, l, acc, K, V, kt, n_ok, skl, skd, svl, svd, qk_scale,
                   HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  MASKED: tl.constexpr, PREC: tl.constexpr):
-    """One tile of summary keys kt [N] (the first n_ok real when MASKED) into the online softmax."""
+                  MASKED: tl.constexpr, SCALE_POSITIVE: tl.constexpr, PREC: tl.constexpr):
+    """One tile of summary keys kt [N] (the first n_ok real when MASKED) into the online softmax.
+
+    With a positive scale it is applied inside exp2's argument (one FMA a score), the row max of
+    the scaled scores being the scaled max of the raw ones; otherwise the scores are scaled first.
+    """
     kok = tl.arange(0, kt.shape[0]) < n_ok
     k = _rows(K, kt, skl, skd, kok, HEAD_D, BLOCK_D, MASKED)  # [BLOCK_N, D]
     v = _rows(V, kt, svl, svd, kok, HEAD_DV, BLOCK_DV, MASKED)  # [BLOCK_N, DV]
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)  # [BLOCK_M, BLOCK_N], unscaled
+    if not SCALE_POSITIVE:
+        s = s * qk_scale
     if MASKED:
         s = tl.where(kok[None, :], s, float("-inf"))
-    return _merge_key_block(m, l, acc, s, v, PREC)
+    if SCALE_POSITIVE:
+        m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])  # [BLOCK_M, BLOCK_N]
+    else:
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m - m_new)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l * alpha + tl.sum(p, 1), acc
 
 
 @triton.jit
@@ -185,7 +199,7 @@ def _summary_fwd(
     S, qk_scale,
     K2: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHUNK: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr, PREC: tl.constexpr,
+    CHUNK: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr, SCALE_POSITIVE: tl.constexpr, PREC: tl.constexpr,
 ):
     """Summary program pid on one (b, h) slice; under PAPER the slide's first one also writes the global row."""
     slide, first, count, lo, hi = _slide_block(pid, slide_pack_start, S, BLOCK_M, CHUNK)
@@ -227,11 +241,11 @@ def _summary_fwd(
         kt = g + 1 + tl.arange(0, BLOCK_N)
         for _ in range(n_full):
             m, l, acc = _summary_keys(q, m, l, acc, K, V, kt, BLOCK_N, skl, skd, svl, svd, qk_scale,
-                                      HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, False, PREC)
+                                      HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, False, SCALE_POSITIVE, PREC)
             kt += BLOCK_N
         if n_full * BLOCK_N < n_keys:
             m, l, acc = _summary_keys(q, m, l, acc, K, V, kt, n_keys - n_full * BLOCK_N, skl, skd, svl, svd,
-                                      qk_scale, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True, PREC)
+                                      qk_scale, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, True, SCALE_POSITIVE, PREC)
 
         _store_rows(O, tok, sol, sod, acc / l[:, None], row_ok, HEAD_DV, BLOCK_DV)
         tl.store(LSE + tok, m + tl.math.log2(l), mask=row_ok)
@@ -288,7 +302,8 @@ def _fwd(
     K2: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     SUMMARY_BLOCK_M: tl.constexpr, SUMMARY_BLOCK_N: tl.constexpr, GLOBAL_BLOCK_N: tl.constexpr,
     PATCH_BLOCK_M: tl.constexpr, NSPLIT: tl.constexpr, CHUNK: tl.constexpr,
-    PATCH_SEES_SUMMARY: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr, PREC: tl.constexpr,
+    PATCH_SEES_SUMMARY: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr, SCALE_POSITIVE: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Program axis 0: summary programs, then (global_to_all) S * NSPLIT global splits, then patch programs."""
     # inductor passes Python floats as fp64; keep the softmax state in fp32
@@ -306,7 +321,7 @@ def _fwd(
         _summary_fwd(pid, Q, K, V, O, LSE, pack_start, pack_count, slide_token_start, slide_pack_start,
                      sql, sqd, skl, skd, svl, svd, sol, sod, S, qk_scale,
                      K2, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, SUMMARY_BLOCK_M, SUMMARY_BLOCK_N, CHUNK,
-                     GLOBAL_SEES_ALL, PREC)
+                     GLOBAL_SEES_ALL, SCALE_POSITIVE, PREC)
     elif pid < n_summary + n_global:
         pid -= n_summary
         _global_fwd_split(pid % NSPLIT, pid // NSPLIT, pid_bh, Q, K, V, PART, slide_token_start,
@@ -377,7 +392,7 @@ def attention_fwd(q, k, v, lay: meta.LayoutArgs, scale: float, flags: meta.MaskF
                 *meta.strides(q), *meta.strides(k), *meta.strides(v), *meta.strides(o),
                 h, n_tok, p, s, scale * meta.LOG2E,
                 K2=k2, HEAD_D=d, HEAD_DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, NSPLIT=nsplit, CHUNK=meta.SLIDE_CHUNK,
-                PREC=meta.dot_precision(q.dtype), **flags.constexprs())
+                SCALE_POSITIVE=scale > 0, PREC=meta.dot_precision(q.dtype), **flags.constexprs())
     if flags.global_sees_all:
         meta.launch(_fwd_merge, (s, b * h), cfg["fwd_merge"],
                     o, lse, part, lay.slide_token_start, *meta.strides(o), h, s, n_tok,

@@ -168,6 +168,15 @@ def test_odd_head_dims_and_strided_inputs(rules):
 
 
 @needs_kernels
+@pytest.mark.parametrize("scale", [-0.7, 0.0], ids=["negative", "zero"])
+@pytest.mark.parametrize("rules", [PAPER, BIDIRECTIONAL], ids=lambda r: r.name)
+def test_negative_and_zero_scale(rules, scale):
+    """The summary loop applies the scale inside exp2 and takes the raw scores' max, or min when the scale is negative."""
+    layout = TopoLayout.cat([TopoLayout.from_grid(7, 6, 2), TopoLayout.from_grid(3, 2, 2)]).to(DEVICE)
+    assert_matches(layout, rules, *qkv(layout, d=16, seed=9), scale=scale)
+
+
+@needs_kernels
 @pytest.mark.parametrize("rules", [PAPER, BIDIRECTIONAL], ids=lambda r: r.name)
 def test_large_logits(rules):
     """Logits around +-1e4: the online softmax and the stored LSE stay finite and exact."""
@@ -524,7 +533,7 @@ for row in rows:
     d = 64 if row["head_dim"] == "*" else row["head_dim"]
     cfg = C.lookup(C.Key("x" if row["arch"] == "*" else row["arch"], d, 3, 65536))
     for dtype, flag in (("fp16", False), ("fp16", True)) + ((("fp32", True),) if FP32 else ()):
-        given = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=d, BLOCK_DV=d, K2=9, CHUNK=256, NSPLIT=32,
+        given = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=d, BLOCK_DV=d, K2=9, CHUNK=256, NSPLIT=32, SCALE_POSITIVE=True,
                      PREC="ieee" if dtype == "fp32" else "tf32", PATCH_SEES_SUMMARY=flag, GLOBAL_SEES_ALL=flag)
         runs = [(F._fwd, cfg["fwd"]), (B._bwd, cfg["bwd"])]
         if dtype == "fp32" or not flag:
