@@ -28,12 +28,10 @@ TABLE = Path(__file__).with_name("triton_configs.json")
 FIELDS = ("arch", "head_dim", "pack_size", "size")
 ANY = "*"
 
-# Every parameter of each launch; the table's '*' row gives them all. SPLIT_TOKENS is not a
-# kernel argument: a slide's global row/column is split in size_bucket // SPLIT_TOKENS parts.
+# Every parameter of each launch; the table's '*' row gives them all.
 PARAMS = {
-    "fwd": ("SUMMARY_BLOCK_M", "SUMMARY_BLOCK_N", "GLOBAL_BLOCK_N", "SPLIT_TOKENS", "PATCH_BLOCK_M", "num_warps",
-            "num_stages"),
-    "fwd_merge": ("num_warps", "num_stages"),
+    "fwd": ("SUMMARY_BLOCK_M", "SUMMARY_BLOCK_N", "PATCH_BLOCK_M", "num_warps", "num_stages"),
+    "fwd_merge": ("BLOCK", "num_warps", "num_stages"),
     "bwd_prep": ("BLOCK", "num_warps", "num_stages"),
     "bwd": ("SUMMARY_BLOCK_M", "SUMMARY_BLOCK_N", "DQ_ORDERED", "SUMMARY_DQ_BLOCK_M", "SUMMARY_DQ_BLOCK_N",
             "PATCH_BLOCK_M", "PATCH_ITERS", "num_warps", "num_stages"),
@@ -65,10 +63,8 @@ class Knob(NamedTuple):
 KNOBS = (
     Knob("fwd", ("SUMMARY_BLOCK_M", "SUMMARY_BLOCK_N"), ((64, 64), (128, 64), (128, 128), (64, 32), (128, 32))),
     Knob("fwd", ("PATCH_BLOCK_M",), ((32,), (16,), (64,))),
-    Knob("fwd", ("GLOBAL_BLOCK_N",), ((64,), (128,)), global_only=True),
-    Knob("fwd", ("SPLIT_TOKENS",), ((2048,), (1024,), (4096,)), global_only=True),
     Knob("fwd", ("num_warps", "num_stages"), ((4, 3), (4, 2), (8, 3), (2, 2))),
-    Knob("fwd_merge", ("num_warps",), ((4,), (2,), (1,)), global_only=True),
+    Knob("fwd_merge", ("BLOCK", "num_warps"), ((64, 4), (32, 2), (128, 4)), global_only=True),
     Knob("bwd_prep", ("BLOCK", "num_warps"), ((64, 4), (128, 4), (128, 8))),
     Knob("bwd", ("DQ_ORDERED",), ((1,), (0,))),
     Knob("bwd", ("SUMMARY_BLOCK_M", "SUMMARY_BLOCK_N"), ((64, 64), (64, 128), (128, 128), (32, 64))),

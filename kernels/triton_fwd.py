@@ -9,13 +9,15 @@ program id, the long-running ones first), scores in base 2 (s = q.k * scale * lo
   except the last, plus each row's own patches and the global key. Under PAPER the
   global row sees only itself (o = v_global, lse = q.k_global): the slide's first
   summary program writes it.
-- global part (global_to_all only): the global row sees its whole slide, split
-  over NSPLIT key ranges whose partial (max, sum, acc) ``_fwd_merge`` merges
-  through their log-sum-exp (the second launch).
 - patch part: PATCH_BLOCK_M // K2 consecutive packs of one slide per program, their
   patch tokens gathered as one block (K2 slots a pack); block-diagonal scores (same
   pack) plus the summary and global keys as per-row extra columns. Memory-bound,
   ~k*k keys a row.
+- global_to_all: the global row sees its whole slide. Each summary and patch program
+  also scores the global query against its own block's tokens as keys (already loaded
+  or contiguous) and stores a partial (max, sum, acc); ``_fwd_merge`` (the second
+  launch) merges a slide's partials in a fixed order with the global row's own term.
+  Nothing re-reads the slide's keys for the global row.
 
 Every program seeds its online softmax with the slide's global key, which every
 row sees, so a fully masked tile never produces inf - inf.
@@ -126,6 +128,17 @@ def _merge_key_block(m, l, acc, s, v, PREC: tl.constexpr):
 
 
 @triton.jit
+def _global_partial(PART, qg, kf, vf, ok, qk_scale, BLOCK_DV: tl.constexpr):
+    """The global query qg [D] on keys kf [M, D] (values vf [M, DV], fp32; some ok): (acc, max, sum) into PART."""
+    s = tl.where(ok, tl.sum(kf * qg[None, :], 1) * qk_scale, float("-inf"))  # [M]
+    m = tl.max(s, 0)
+    p = tl.math.exp2(s - m)
+    tl.store(PART + tl.arange(0, BLOCK_DV), tl.sum(p[:, None] * vf, 0))
+    tl.store(PART + BLOCK_DV, m)
+    tl.store(PART + BLOCK_DV + 1, tl.sum(p, 0))
+
+
+@triton.jit
 def _summary_keys(q, m, l, acc, K, V, kt, n_ok, skl, skd, svl, svd, qk_scale,
                   HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   MASKED: tl.constexpr, SCALE_POSITIVE: tl.constexpr, PREC: tl.constexpr):
@@ -155,13 +168,13 @@ def _summary_keys(q, m, l, acc, K, V, kt, n_ok, skl, skd, svl, svd, qk_scale,
 
 @triton.jit
 def _patch_fwd(
-    pid, Q, K, V, O, LSE,
+    pid, Q, K, V, O, LSE, PART,
     pack_start, pack_count, pack_summary, slide_token_start, slide_pack_start,
     sql, sqd, skl, skd, svl, svd, sol, sod,
     S, qk_scale,
     K2: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
-    PATCH_SEES_SUMMARY: tl.constexpr, PREC: tl.constexpr,
+    PATCH_SEES_SUMMARY: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr, PREC: tl.constexpr,
 ):
     """Patch program pid on one (b, h) slice (pointers already moved there)."""
     slide, first, count, lo, hi = _slide_block(pid, slide_pack_start, S, BLOCK_M // K2, CHUNK)
@@ -186,6 +199,9 @@ def _patch_fwd(
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_M]
         s = tl.where((pk[:, None] == pk[None, :]) & row_ok[None, :], s, float("-inf"))
         m, l, acc = _merge_key_block(m, l, acc, s, v, PREC)
+        if GLOBAL_SEES_ALL:  # the global row on these patch keys
+            _global_partial(PART + pid * (BLOCK_DV + 2), _vec(Q, g, sql, sqd, HEAD_D, BLOCK_D), k.to(tl.float32),
+                            v.to(tl.float32), row_ok, qk_scale, BLOCK_DV)
 
         _store_rows(O, tok, sol, sod, acc / l[:, None], row_ok, HEAD_DV, BLOCK_DV)
         tl.store(LSE + tok, m + tl.math.log2(l), mask=row_ok)
@@ -193,7 +209,7 @@ def _patch_fwd(
 
 @triton.jit
 def _summary_fwd(
-    pid, Q, K, V, O, LSE,
+    pid, Q, K, V, O, LSE, PART,
     pack_start, pack_count, slide_token_start, slide_pack_start,
     sql, sqd, skl, skd, svl, svd, sol, sod,
     S, qk_scale,
@@ -218,7 +234,12 @@ def _summary_fwd(
         l = tl.full([BLOCK_M], 1.0, tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32) + vg[None, :]
 
-        if not GLOBAL_SEES_ALL:
+        if GLOBAL_SEES_ALL:  # the global row on these summary keys
+            _global_partial(PART + pid * (BLOCK_DV + 2), _vec(Q, g, sql, sqd, HEAD_D, BLOCK_D),
+                            _rows(K, tok, skl, skd, row_ok, HEAD_D, BLOCK_D).to(tl.float32),
+                            _rows(V, tok, svl, svd, row_ok, HEAD_DV, BLOCK_DV).to(tl.float32), row_ok, qk_scale,
+                            BLOCK_DV)
+        else:
             if first == lo:  # the global row sees only itself: o = v_global, lse = q.k_global
                 sg = tl.sum(_vec(Q, g, sql, sqd, HEAD_D, BLOCK_D) * kg, 0) * qk_scale
                 c = tl.arange(0, BLOCK_DV)
@@ -251,48 +272,6 @@ def _summary_fwd(
         tl.store(LSE + tok, m + tl.math.log2(l), mask=row_ok)
 
 
-@triton.jit
-def _global_range(slide_token_start, s, split, NSPLIT: tl.constexpr):
-    """The global token of slide s and split `split` of its slide's tokens."""
-    t0 = tl.load(slide_token_start + s)
-    t1 = tl.load(slide_token_start + s + 1)
-    chunk = (t1 - t0 + NSPLIT - 1) // NSPLIT
-    lo = t0 + split * chunk
-    hi = tl.minimum(lo + chunk, t1)
-    return t0, lo, hi
-
-
-@triton.jit
-def _global_fwd_split(
-    split, s, pid_bh, Q, K, V, PART, slide_token_start,
-    sql, sqd, skl, skd, svl, svd, S, qk_scale,
-    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Split `split` of slide s's global row (it sees the whole slide): partial (acc, max, sum) into PART."""
-    g, lo, hi = _global_range(slide_token_start, s, split, NSPLIT)
-    q = _vec(Q, g, sql, sqd, HEAD_D, BLOCK_D)  # [D]
-    m = tl.full([], float("-inf"), tl.float32)
-    l = tl.full([], 0.0, tl.float32)
-    acc = tl.zeros([BLOCK_DV], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):  # a non-empty tile each time: m turns finite at once
-        t = n0 + tl.arange(0, BLOCK_N)
-        ok = t < hi
-        k = _rows(K, t, skl, skd, ok, HEAD_D, BLOCK_D).to(tl.float32)
-        v = _rows(V, t, svl, svd, ok, HEAD_DV, BLOCK_DV).to(tl.float32)
-        sc = tl.where(ok, tl.sum(k * q[None, :], 1) * qk_scale, float("-inf"))  # [BLOCK_N]
-        m_new = tl.maximum(m, tl.max(sc, 0))
-        alpha = tl.math.exp2(m - m_new)
-        p = tl.math.exp2(sc - m_new)
-        l = l * alpha + tl.sum(p, 0)
-        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-        m = m_new
-    part = PART + ((pid_bh.to(tl.int64) * S + s) * NSPLIT + split) * (BLOCK_DV + 2)  # [acc, max, sum]
-    tl.store(part + tl.arange(0, BLOCK_DV), acc)
-    tl.store(part + BLOCK_DV, m)  # -inf and 0 for an empty split
-    tl.store(part + BLOCK_DV + 1, l)
-
-
 @triton.jit(do_not_specialize=["L", "P", "S"])
 def _fwd(
     Q, K, V, O, LSE, PART,
@@ -300,12 +279,11 @@ def _fwd(
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
     H, L, P, S, qk_scale,
     K2: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SUMMARY_BLOCK_M: tl.constexpr, SUMMARY_BLOCK_N: tl.constexpr, GLOBAL_BLOCK_N: tl.constexpr,
-    PATCH_BLOCK_M: tl.constexpr, NSPLIT: tl.constexpr, CHUNK: tl.constexpr,
+    SUMMARY_BLOCK_M: tl.constexpr, SUMMARY_BLOCK_N: tl.constexpr, PATCH_BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
     PATCH_SEES_SUMMARY: tl.constexpr, GLOBAL_SEES_ALL: tl.constexpr, SCALE_POSITIVE: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Program axis 0: summary programs, then (global_to_all) S * NSPLIT global splits, then patch programs."""
+    """Program axis 0: summary programs, then patch programs; under global_to_all one partial each in PART."""
     # inductor passes Python floats as fp64; keep the softmax state in fp32
     qk_scale = tl.cast(qk_scale, tl.float32)
     pid = tl.program_id(0)
@@ -316,44 +294,66 @@ def _fwd(
     O = _slice(O, pid_bh, H, sob, soh)
     LSE += pid_bh.to(tl.int64) * L
     n_summary = P // SUMMARY_BLOCK_M + S  # meta.slide_blocks
-    n_global = S * NSPLIT if GLOBAL_SEES_ALL else 0
+    n_programs = n_summary + P // (PATCH_BLOCK_M // K2) + S
+    PART += pid_bh.to(tl.int64) * n_programs * (BLOCK_DV + 2)  # [programs, acc + max + sum] a slice
     if pid < n_summary:
-        _summary_fwd(pid, Q, K, V, O, LSE, pack_start, pack_count, slide_token_start, slide_pack_start,
+        _summary_fwd(pid, Q, K, V, O, LSE, PART, pack_start, pack_count, slide_token_start, slide_pack_start,
                      sql, sqd, skl, skd, svl, svd, sol, sod, S, qk_scale,
                      K2, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, SUMMARY_BLOCK_M, SUMMARY_BLOCK_N, CHUNK,
                      GLOBAL_SEES_ALL, SCALE_POSITIVE, PREC)
-    elif pid < n_summary + n_global:
-        pid -= n_summary
-        _global_fwd_split(pid % NSPLIT, pid // NSPLIT, pid_bh, Q, K, V, PART, slide_token_start,
-                          sql, sqd, skl, skd, svl, svd, S, qk_scale,
-                          HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, NSPLIT, GLOBAL_BLOCK_N)
     else:
-        _patch_fwd(pid - n_summary - n_global, Q, K, V, O, LSE, pack_start, pack_count, pack_summary,
-                   slide_token_start, slide_pack_start, sql, sqd, skl, skd, svl, svd, sol, sod, S, qk_scale,
-                   K2, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, PATCH_BLOCK_M, CHUNK, PATCH_SEES_SUMMARY, PREC)
+        _patch_fwd(pid - n_summary, Q, K, V, O, LSE, PART + n_summary * (BLOCK_DV + 2), pack_start, pack_count,
+                   pack_summary, slide_token_start, slide_pack_start, sql, sqd, skl, skd, svl, svd, sol, sod, S,
+                   qk_scale, K2, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, PATCH_BLOCK_M, CHUNK, PATCH_SEES_SUMMARY,
+                   GLOBAL_SEES_ALL, PREC)
 
 
-@triton.jit(do_not_specialize=["S", "L"])
+@triton.jit
+def _merge_partials(part, n, m, l, acc, BLOCK_DV: tl.constexpr, BLOCK: tl.constexpr):
+    """n consecutive partials [acc, max, sum] at part merged into (m, l, acc), BLOCK at a time, in order."""
+    dv = tl.arange(0, BLOCK_DV)
+    for i0 in range(0, n, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        ok = i < n
+        at = part + i * (BLOCK_DV + 2)
+        mi = tl.load(at + BLOCK_DV, mask=ok, other=float("-inf"))  # [BLOCK]
+        m_new = tl.maximum(m, tl.max(mi, 0))
+        w = tl.math.exp2(mi - m_new)
+        alpha = tl.math.exp2(m - m_new)
+        l = l * alpha + tl.sum(w * tl.load(at + BLOCK_DV + 1, mask=ok, other=0.0), 0)
+        acc = acc * alpha + tl.sum(w[:, None] * tl.load(at[:, None] + dv[None, :], mask=ok[:, None], other=0.0), 0)
+        m = m_new
+    return m, l, acc
+
+
+@triton.jit(do_not_specialize=["L", "P", "S"])
 def _fwd_merge(
-    O, LSE, PART, slide_token_start,
-    sob, soh, sol, sod, H, S, L,
-    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, NSPLIT: tl.constexpr,
+    O, LSE, PART, Q, K, V, slide_token_start, slide_pack_start,
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod, H, L, P, S, qk_scale,
+    K2: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SUMMARY_BLOCK_M: tl.constexpr, PATCH_BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """The global rows under global_to_all: their NSPLIT partials merged through their log-sum-exp."""
+    """The global rows under global_to_all: own term, then the slide's summary and patch partials, in order."""
+    qk_scale = tl.cast(qk_scale, tl.float32)
     s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     g = tl.load(slide_token_start + s)
-    part = PART + ((pid_bh.to(tl.int64) * S + s) * NSPLIT + tl.arange(0, NSPLIT)) * (BLOCK_DV + 2)  # [NSPLIT]
+    lo = tl.load(slide_pack_start + s)
+    hi = tl.load(slide_pack_start + s + 1)
+    PACKS: tl.constexpr = PATCH_BLOCK_M // K2
+    n_summary = P // SUMMARY_BLOCK_M + S  # meta.slide_blocks
+    part = PART + pid_bh.to(tl.int64) * (n_summary + P // PACKS + S) * (BLOCK_DV + 2)
+    m = tl.sum(_vec(_slice(Q, pid_bh, H, sqb, sqh), g, sql, sqd, HEAD_D, BLOCK_D)
+               * _vec(_slice(K, pid_bh, H, skb, skh), g, skl, skd, HEAD_D, BLOCK_D), 0) * qk_scale
+    l = tl.full([], 1.0, tl.float32)
+    acc = _vec(_slice(V, pid_bh, H, svb, svh), g, svl, svd, HEAD_DV, BLOCK_DV)
+    m, l, acc = _merge_partials(part + (lo // SUMMARY_BLOCK_M + s) * (BLOCK_DV + 2),
+                                (hi - lo + SUMMARY_BLOCK_M - 1) // SUMMARY_BLOCK_M, m, l, acc, BLOCK_DV, BLOCK)
+    m, l, acc = _merge_partials(part + (n_summary + lo // PACKS + s) * (BLOCK_DV + 2),
+                                (hi - lo + PACKS - 1) // PACKS, m, l, acc, BLOCK_DV, BLOCK)
     dv = tl.arange(0, BLOCK_DV)
-    acc = tl.load(part[:, None] + dv[None, :])  # [NSPLIT, DV]
-    m = tl.load(part + BLOCK_DV)
-    l = tl.load(part + BLOCK_DV + 1)
-    m_all = tl.max(m, 0)  # split 0 is never empty
-    w = tl.math.exp2(m - m_all)
-    l_all = tl.sum(l * w, 0)
-    out = tl.sum(acc * w[:, None], 0) / l_all
-    tl.store(_slice(O, pid_bh, H, sob, soh) + g * sol + dv * sod, out.to(O.dtype.element_ty), mask=dv < HEAD_DV)
-    tl.store(LSE + pid_bh.to(tl.int64) * L + g, m_all + tl.math.log2(l_all))
+    tl.store(_slice(O, pid_bh, H, sob, soh) + g * sol + dv * sod, (acc / l).to(O.dtype.element_ty), mask=dv < HEAD_DV)
+    tl.store(LSE + pid_bh.to(tl.int64) * L + g, m + tl.math.log2(l))
 
 
 def launches(flags: meta.MaskFlags) -> tuple[str, ...]:
@@ -375,26 +375,27 @@ def attention_fwd(q, k, v, lay: meta.LayoutArgs, scale: float, flags: meta.MaskF
     dv = v.shape[-1]
     p, s = lay.num_packs, lay.num_slides
     k2 = pack_size ** 2
-    fwd = dict(cfg["fwd"])
-    split_tokens = fwd.pop("SPLIT_TOKENS")
+    fwd = cfg["fwd"]
     bd, bdv = meta.block_d(d), meta.block_d(dv)
     o = meta.new_buffer((b, h, n_tok, dv), q.dtype, q.device)
     lse = meta.new_buffer((b, h, n_tok), torch.float32, q.device)
     n_programs = meta.slide_blocks(p, s, fwd["SUMMARY_BLOCK_M"]) + meta.slide_blocks(p, s, fwd["PATCH_BLOCK_M"] // k2)
-    nsplit, part = 1, lse  # PAPER: no global splits
-    if flags.global_sees_all:
-        nsplit = meta.num_splits(meta.size_bucket(n_tok), split_tokens)
-        part = meta.new_buffer((b * h * s * nsplit * (bdv + 2),), torch.float32, q.device)  # [acc, max, sum]
-        n_programs += s * nsplit
+    part = lse  # PAPER: no partials
+    if flags.global_sees_all:  # a partial of the global row per program: [acc, max, sum]
+        part = meta.new_buffer((b * h * n_programs * (bdv + 2),), torch.float32, q.device)
+    layout = (lay.pack_patch_start, lay.pack_patch_count, lay.pack_summary_token, lay.slide_token_start,
+              lay.slide_pack_start)
     meta.launch(_fwd, (n_programs, b * h), fwd,
-                q, k, v, o, lse, part, lay.pack_patch_start, lay.pack_patch_count, lay.pack_summary_token,
-                lay.slide_token_start, lay.slide_pack_start,
+                q, k, v, o, lse, part, *layout,
                 *meta.strides(q), *meta.strides(k), *meta.strides(v), *meta.strides(o),
                 h, n_tok, p, s, scale * meta.LOG2E,
-                K2=k2, HEAD_D=d, HEAD_DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, NSPLIT=nsplit, CHUNK=meta.SLIDE_CHUNK,
+                K2=k2, HEAD_D=d, HEAD_DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, CHUNK=meta.SLIDE_CHUNK,
                 SCALE_POSITIVE=scale > 0, PREC=meta.dot_precision(q.dtype), **flags.constexprs())
     if flags.global_sees_all:
         meta.launch(_fwd_merge, (s, b * h), cfg["fwd_merge"],
-                    o, lse, part, lay.slide_token_start, *meta.strides(o), h, s, n_tok,
-                    HEAD_DV=dv, BLOCK_DV=bdv, NSPLIT=nsplit)
+                    o, lse, part, q, k, v, lay.slide_token_start, lay.slide_pack_start,
+                    *meta.strides(q), *meta.strides(k), *meta.strides(v), *meta.strides(o),
+                    h, n_tok, p, s, scale * meta.LOG2E,
+                    K2=k2, HEAD_D=d, HEAD_DV=dv, BLOCK_D=bd, BLOCK_DV=bdv,
+                    SUMMARY_BLOCK_M=fwd["SUMMARY_BLOCK_M"], PATCH_BLOCK_M=fwd["PATCH_BLOCK_M"])
     return o, lse

@@ -26,7 +26,6 @@ POISON_OUTPUTS = False
 
 MAX_HEAD_DIM = 256
 MIN_SIZE_BUCKET = 4 ** 7  # tokens; buckets are powers of 4 from here (16384, 65536, 262144, ...)
-MAX_SPLITS = 128
 SLIDE_CHUNK = 256  # slides a kernel scans at once when it maps a program to its slide
 LOG2E = 1.4426950408889634
 
@@ -102,10 +101,6 @@ def size_bucket(num_tokens: int) -> int:
         bucket *= 4
     return bucket
 
-
-def num_splits(bucket: int, split_tokens: int) -> int:
-    """Splits of a slide-wide row/column: split_tokens (a config) per split at the top of the size bucket."""
-    return max(1, min(MAX_SPLITS, bucket // split_tokens))
 
 
 def dot_precision(dtype: torch.dtype) -> str:

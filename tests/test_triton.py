@@ -198,18 +198,18 @@ def test_large_logits(rules):
 @needs_kernels
 @pytest.mark.parametrize("ordered", [1, 0], ids=["ordered-dq", "separate-dq"])
 @pytest.mark.parametrize("rules", [PAPER, BIDIRECTIONAL], ids=lambda r: r.name)
-def test_many_splits_and_slide_aligned_blocks(rules, ordered, monkeypatch):
-    """Global row split 16 ways (some splits empty); 16-pack summary and key blocks, 2-pack patch blocks over
-    slides of 81, 2 and 25 packs (whole, partial and idle programs), the summary dq ordered or separate."""
+def test_many_slide_aligned_blocks(rules, ordered, monkeypatch):
+    """16-pack summary and key blocks, 2-pack patch blocks over slides of 81, 2 and 25 packs (whole, partial and
+    idle programs; the global row's partials merged 2 at a time), the summary dq ordered or separate."""
     layout = TopoLayout.cat([TopoLayout.from_grid(9, 9, 1), TopoLayout.from_coords([[0, 0], [5, 5]], 1, 1),
                              TopoLayout.from_grid(5, 5, 1)]).to(DEVICE)
     cfg = copy.deepcopy(configs.lookup(configs.Key(configs.arch(torch.device(DEVICE)), 16, 1, meta.MIN_SIZE_BUCKET)))
-    cfg["fwd"].update(SPLIT_TOKENS=meta.MIN_SIZE_BUCKET // 16, SUMMARY_BLOCK_M=16, SUMMARY_BLOCK_N=16)
+    cfg["fwd"].update(SUMMARY_BLOCK_M=16, SUMMARY_BLOCK_N=16)
     cfg["bwd"].update(DQ_ORDERED=ordered, SUMMARY_BLOCK_M=16, SUMMARY_BLOCK_N=32, SUMMARY_DQ_BLOCK_M=16,
                       SUMMARY_DQ_BLOCK_N=16, PATCH_BLOCK_M=16, PATCH_ITERS=2)
-    cfg["bwd_merge"]["BLOCK"] = 2
+    cfg["fwd_merge"]["BLOCK"] = cfg["bwd_merge"]["BLOCK"] = 2
     monkeypatch.setattr(configs, "FORCED", cfg)
-    assert meta.size_bucket(layout.num_tokens) == meta.MIN_SIZE_BUCKET and layout.num_packs > 64
+    assert layout.num_packs > 64
     assert_matches(layout, rules, *qkv(layout, b=1, h=2, d=16, seed=5))
 
 
@@ -412,7 +412,7 @@ def test_tune_script_times_every_candidate_on_the_kernels(monkeypatch):
 
     monkeypatch.setattr(configs, "bench_ms", bench)
     monkeypatch.setattr(tune_triton, "synthetic_side", lambda size, pack_size: 5)
-    knobs = [k for k in configs.KNOBS if {"PATCH_BLOCK_M", "SPLIT_TOKENS", "DQ_ORDERED"} & set(k.names)]
+    knobs = [k for k in configs.KNOBS if {"PATCH_BLOCK_M", "DQ_ORDERED"} & set(k.names) or k.launch == "fwd_merge"]
     monkeypatch.setattr(configs, "KNOBS", tuple(knobs))
     key = configs.Key("interpret", 16, 2, meta.MIN_SIZE_BUCKET)
     with launched() as names:
@@ -505,7 +505,6 @@ cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 def compile_one(kernel, params, target, dtype, consts_given):
     params = dict(params)
     options = dict(num_warps=params.pop("num_warps"), num_stages=params.pop("num_stages"))
-    params.pop("SPLIT_TOKENS", None)
     pointers = dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), "*" + dtype)
     pointers.update(dict.fromkeys(("LSE", "DELTA", "PART", "DQ_SUM", "DQ_ROW"), "*fp32"), SEM="*i32")
     given = dict(consts_given, **dict.fromkeys(UNIT_STRIDES, 1), **params,
@@ -533,7 +532,8 @@ for row in rows:
     d = 64 if row["head_dim"] == "*" else row["head_dim"]
     cfg = C.lookup(C.Key("x" if row["arch"] == "*" else row["arch"], d, 3, 65536))
     for dtype, flag in (("fp16", False), ("fp16", True)) + ((("fp32", True),) if FP32 else ()):
-        given = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=d, BLOCK_DV=d, K2=9, CHUNK=256, NSPLIT=32, SCALE_POSITIVE=True,
+        given = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=d, BLOCK_DV=d, K2=9, CHUNK=256, SCALE_POSITIVE=True,
+                     SUMMARY_BLOCK_M=cfg["fwd"]["SUMMARY_BLOCK_M"], PATCH_BLOCK_M=cfg["fwd"]["PATCH_BLOCK_M"],
                      PREC="ieee" if dtype == "fp32" else "tf32", PATCH_SEES_SUMMARY=flag, GLOBAL_SEES_ALL=flag)
         runs = [(F._fwd, cfg["fwd"]), (B._bwd, cfg["bwd"])]
         if dtype == "fp32" or not flag:

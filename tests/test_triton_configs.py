@@ -68,12 +68,9 @@ def test_bad_tables_are_refused_naming_the_row(tmp_path, rows, match):
         configs.table(write_table(tmp_path, *rows))
 
 
-def test_size_buckets_and_split_counts():
+def test_size_buckets():
     b = meta.MIN_SIZE_BUCKET
     assert [meta.size_bucket(n) for n in (1, b, b + 1, 4 * b, 4 * b + 1)] == [b, b, 4 * b, 4 * b, 16 * b]
-    assert [meta.num_splits(s, 2048) for s in (b, 4 * b, 64 * b, 1024 * b)] == [8, 32, meta.MAX_SPLITS,
-                                                                               meta.MAX_SPLITS]
-    assert meta.num_splits(b, 4 * b) == 1
 
 
 def test_tune_takes_the_fastest_candidate_of_each_knob_and_skips_those_that_do_not_fit():
@@ -98,7 +95,7 @@ def test_knobs_leave_out_what_paper_never_reads():
     paper = configs.knobs(("fwd", "fwd_merge"), global_sees_all=False)
     both = configs.knobs(("fwd", "fwd_merge"))
     assert {(k.launch, k.names) for k in both} - {(k.launch, k.names) for k in paper} == {
-        ("fwd", ("GLOBAL_BLOCK_N",)), ("fwd", ("SPLIT_TOKENS",)), ("fwd_merge", ("num_warps",))}
+        ("fwd_merge", ("BLOCK", "num_warps"))}
     for k in configs.KNOBS:  # every candidate is a valid table value
         for values in k.values:
             configs.check_rows([SEED_ROW, row("x", **{k.launch: dict(zip(k.names, values))})], "candidates")
