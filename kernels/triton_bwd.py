@@ -27,7 +27,8 @@ dq = scale * sum ds k, dk = scale * sum ds q, dv = sum p dO.
   global token's dq, dk, dv (its slide's partials in a fixed order plus its own term).
 
 HBM traffic over the patch tokens (k*k of every k*k+1 tokens): q, k, v, o, dO read once
-and dq, dk, dv written once, by the patch programs; nothing else reads them. The
+and dq, dk, dv written once, by the patch programs; nothing else reads them, except that
+under patch_to_summary the summary key programs read the patch rows' q, dO and O again. The
 summary tokens are re-read per tile as in FlashAttention, and their fp32 dq buffers
 add two writes and two reads of P x head_dim floats.
 """

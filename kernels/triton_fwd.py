@@ -132,7 +132,7 @@ def _global_partial(PART, qg, kf, vf, ok, qk_scale, BLOCK_DV: tl.constexpr):
     """The global query qg [D] on keys kf [M, D] (values vf [M, DV], fp32; some ok): (acc, max, sum) into PART."""
     s = tl.where(ok, tl.sum(kf * qg[None, :], 1) * qk_scale, float("-inf"))  # [M]
     m = tl.max(s, 0)
-    p = tl.math.exp2(s - m)
+    p = tl.math.exp2(s - tl.where(m == float("-inf"), 0.0, m))  # all -inf: p = 0, not NaN
     tl.store(PART + tl.arange(0, BLOCK_DV), tl.sum(p[:, None] * vf, 0))
     tl.store(PART + BLOCK_DV, m)
     tl.store(PART + BLOCK_DV + 1, tl.sum(p, 0))
@@ -390,7 +390,7 @@ def attention_fwd(q, k, v, lay: meta.LayoutArgs, scale: float, flags: meta.MaskF
                 *meta.strides(q), *meta.strides(k), *meta.strides(v), *meta.strides(o),
                 h, n_tok, p, s, scale * meta.LOG2E,
                 K2=k2, HEAD_D=d, HEAD_DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, CHUNK=meta.SLIDE_CHUNK,
-                SCALE_POSITIVE=scale > 0, PREC=meta.dot_precision(q.dtype), **flags.constexprs())
+                SCALE_POSITIVE=meta.positive_in_fp32(scale * meta.LOG2E), PREC=meta.dot_precision(q.dtype), **flags.constexprs())
     if flags.global_sees_all:
         meta.launch(_fwd_merge, (s, b * h), cfg["fwd_merge"],
                     o, lse, part, q, k, v, lay.slide_token_start, lay.slide_pack_start,

@@ -7,6 +7,7 @@ slide size never changes a compile-time constant except through its size bucket.
 from __future__ import annotations
 
 import functools
+import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -101,6 +102,11 @@ def size_bucket(num_tokens: int) -> int:
         bucket *= 4
     return bucket
 
+
+
+def positive_in_fp32(x: float) -> bool:
+    """x > 0 after rounding to fp32, as the kernels see a scale (1e-46 rounds to 0)."""
+    return struct.unpack("f", struct.pack("f", x))[0] > 0
 
 
 def dot_precision(dtype: torch.dtype) -> str:
