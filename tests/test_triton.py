@@ -570,6 +570,7 @@ def test_kernels_compile_for_the_gpu_rows():
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPU], env=env, capture_output=True, text=True,
                             timeout=1800)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    print(result.stdout)  # registers, spills and shared memory of each binary: pytest -rP shows them
     rows = int(result.stdout.split("rows")[-1])
     lines = [line for line in result.stdout.splitlines() if line.startswith("compiled _")]
     assert rows >= 4 and len(lines) == (11 + 3 * (os.environ.get("TOPOPACK_COMPILE_FP32") == "1")) * rows
