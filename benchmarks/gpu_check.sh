@@ -51,7 +51,7 @@ if [ "$STAGE" != bench ]; then
   timeout 220 python3 -m topopack.model.cli demo --device cuda --backend triton --side 192 --out /tmp/demo-gpu \
       --train-slides 300 --vqa-steps 600 > "$OUT/gpu_demo.log" 2>&1 &
   demo=$!
-  timeout 320 python3 -m pytest -q -x -p no:cacheprovider --durations=8 tests/test_triton.py tests/test_triton_configs.py \
+  timeout 420 python3 -m pytest -q -x -p no:cacheprovider --durations=8 tests/test_triton.py tests/test_triton_configs.py \
       2>&1 | tee "$OUT/gpu_tests.log" | tail -n 15
   echo "triton tests: rc ${PIPESTATUS[0]} after ${SECONDS} s"
   wait $demo; echo "demo: rc $? after ${SECONDS} s"; tail -n 14 "$OUT/gpu_demo.log"
