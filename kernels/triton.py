@@ -29,24 +29,22 @@ Tensor = torch.Tensor
 
 @triton_op("topopack::attn_fwd", mutates_args={})
 def attn_fwd(q: Tensor, k: Tensor, v: Tensor,
-             pack_patch_start: Tensor, pack_patch_count: Tensor, pack_summary_token: Tensor, pack_slide: Tensor,
+             pack_patch_start: Tensor, pack_patch_count: Tensor, pack_summary_token: Tensor,
              slide_token_start: Tensor, slide_pack_start: Tensor, pack_size: int, scale: float,
              patch_sees_summary: bool, global_sees_all: bool, autotune: bool) -> tuple[Tensor, Tensor]:
     """-> (out [B, H, L, DV], lse [B, H, L] fp32, base 2)."""
-    lay = meta.LayoutArgs(pack_patch_start, pack_patch_count, pack_summary_token, pack_slide, slide_token_start,
-                          slide_pack_start)
+    lay = meta.LayoutArgs(pack_patch_start, pack_patch_count, pack_summary_token, slide_token_start, slide_pack_start)
     return attention_fwd(q, k, v, lay, scale, meta.MaskFlags(patch_sees_summary, global_sees_all), pack_size,
                          autotune)
 
 
 @triton_op("topopack::attn_bwd", mutates_args={})
 def attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-             pack_patch_start: Tensor, pack_patch_count: Tensor, pack_summary_token: Tensor, pack_slide: Tensor,
+             pack_patch_start: Tensor, pack_patch_count: Tensor, pack_summary_token: Tensor,
              slide_token_start: Tensor, slide_pack_start: Tensor, pack_size: int, scale: float,
              patch_sees_summary: bool, global_sees_all: bool, autotune: bool) -> tuple[Tensor, Tensor, Tensor]:
     """-> (dq, dk, dv), contiguous."""
-    lay = meta.LayoutArgs(pack_patch_start, pack_patch_count, pack_summary_token, pack_slide, slide_token_start,
-                          slide_pack_start)
+    lay = meta.LayoutArgs(pack_patch_start, pack_patch_count, pack_summary_token, slide_token_start, slide_pack_start)
     return attention_bwd(do, q, k, v, o, lse, lay, scale, meta.MaskFlags(patch_sees_summary, global_sees_all),
                          pack_size, autotune)
 
@@ -64,10 +62,13 @@ if meta.INTERPRET:
         return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
+N_LAYOUT = len(meta.LayoutArgs._fields)
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, *lay = inputs[:9]
+    q, k, v, *lay = inputs[:3 + N_LAYOUT]
     ctx.save_for_backward(q, k, v, output[0], output[1], *lay)
-    ctx.rest = inputs[9:]  # pack_size, scale, flags, autotune
+    ctx.rest = inputs[3 + N_LAYOUT:]  # pack_size, scale, flags, autotune
 
 
 def _backward(ctx, d_out, d_lse):
@@ -83,16 +84,16 @@ attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 class _Attention(torch.autograd.Function):
     """Eager calls: the launchers directly, without the ops' dispatch (~50 us a call on the host).
 
-    args: the six layout tensors, then pack_size, scale, patch_sees_summary, global_sees_all, autotune.
+    args: the layout tensors (meta.LayoutArgs), then pack_size, scale, patch_sees_summary, global_sees_all, autotune.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, *args):
-        lay, (pack_size, scale, patch_sees_summary, global_sees_all, autotune) = args[:6], args[6:]
+        lay, (pack_size, scale, patch_sees_summary, global_sees_all, autotune) = args[:N_LAYOUT], args[N_LAYOUT:]
         o, lse = attention_fwd(q, k, v, meta.LayoutArgs(*lay), scale,
                                meta.MaskFlags(patch_sees_summary, global_sees_all), pack_size, autotune)
         ctx.save_for_backward(q, k, v, o, lse, *lay)
-        ctx.args = args[6:]
+        ctx.args = args[N_LAYOUT:]
         return o
 
     @staticmethod

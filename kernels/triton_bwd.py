@@ -460,8 +460,6 @@ def attention_bwd(do, q, k, v, o, lse, lay: meta.LayoutArgs, scale: float, flags
                                               b * h * n_patch * (2 * bd + bdv), max(1, b * h * n_sem)))
     delta, dq_sum, dq_row, part, sem = meta.new_buffer((sum(sizes),), torch.float32, q.device).split(sizes)
     sem = sem.view(torch.int32)
-    layout = (lay.pack_patch_start, lay.pack_patch_count, lay.pack_summary_token, lay.slide_token_start,
-              lay.slide_pack_start)
 
     prep = dict(cfg["bwd_prep"])
     block = prep.pop("BLOCK")
@@ -469,7 +467,7 @@ def attention_bwd(do, q, k, v, o, lse, lay: meta.LayoutArgs, scale: float, flags
                 o, do, delta, sem, lay.slide_token_start, lay.slide_pack_start, *meta.strides(o), *meta.strides(do),
                 h, n_tok, s, n_sem, HEAD_DV=dv, BLOCK_DV=bdv, BLOCK=block, CHUNK=meta.SLIDE_CHUNK)
     meta.launch(_bwd, ((n_kv + n_dq + n_patch) * b * h,), bwd,
-                q, k, v, o, do, lse, delta, dq, dk, dvv, dq_sum, dq_row, part, sem, *layout,
+                q, k, v, o, do, lse, delta, dq, dk, dvv, dq_sum, dq_row, part, sem, *lay,
                 *meta.strides(q), *meta.strides(k), *meta.strides(v), *meta.strides(o), *meta.strides(do),
                 h, b * h, n_tok, p, s, scale * meta.LOG2E, scale,
                 K2=k2, HEAD_D=d, HEAD_DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, CHUNK=meta.SLIDE_CHUNK,

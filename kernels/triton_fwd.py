@@ -377,25 +377,24 @@ def attention_fwd(q, k, v, lay: meta.LayoutArgs, scale: float, flags: meta.MaskF
     k2 = pack_size ** 2
     fwd = cfg["fwd"]
     bd, bdv = meta.block_d(d), meta.block_d(dv)
+    qk_scale = scale * meta.LOG2E  # base-2 scores
     o = meta.new_buffer((b, h, n_tok, dv), q.dtype, q.device)
     lse = meta.new_buffer((b, h, n_tok), torch.float32, q.device)
     n_programs = meta.slide_blocks(p, s, fwd["SUMMARY_BLOCK_M"]) + meta.slide_blocks(p, s, fwd["PATCH_BLOCK_M"] // k2)
     part = lse  # PAPER: no partials
     if flags.global_sees_all:  # a partial of the global row per program: [acc, max, sum]
         part = meta.new_buffer((b * h * n_programs * (bdv + 2),), torch.float32, q.device)
-    layout = (lay.pack_patch_start, lay.pack_patch_count, lay.pack_summary_token, lay.slide_token_start,
-              lay.slide_pack_start)
     meta.launch(_fwd, (n_programs, b * h), fwd,
-                q, k, v, o, lse, part, *layout,
+                q, k, v, o, lse, part, *lay,
                 *meta.strides(q), *meta.strides(k), *meta.strides(v), *meta.strides(o),
-                h, n_tok, p, s, scale * meta.LOG2E,
+                h, n_tok, p, s, qk_scale,
                 K2=k2, HEAD_D=d, HEAD_DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, CHUNK=meta.SLIDE_CHUNK,
-                SCALE_POSITIVE=meta.positive_in_fp32(scale * meta.LOG2E), PREC=meta.dot_precision(q.dtype), **flags.constexprs())
+                SCALE_POSITIVE=meta.positive_in_fp32(qk_scale), PREC=meta.dot_precision(q.dtype), **flags.constexprs())
     if flags.global_sees_all:
         meta.launch(_fwd_merge, (s, b * h), cfg["fwd_merge"],
                     o, lse, part, q, k, v, lay.slide_token_start, lay.slide_pack_start,
                     *meta.strides(q), *meta.strides(k), *meta.strides(v), *meta.strides(o),
-                    h, n_tok, p, s, scale * meta.LOG2E,
+                    h, n_tok, p, s, qk_scale,
                     K2=k2, HEAD_D=d, HEAD_DV=dv, BLOCK_D=bd, BLOCK_DV=bdv,
                     SUMMARY_BLOCK_M=fwd["SUMMARY_BLOCK_M"], PATCH_BLOCK_M=fwd["PATCH_BLOCK_M"])
     return o, lse

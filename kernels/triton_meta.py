@@ -37,7 +37,6 @@ class LayoutArgs(NamedTuple):
     pack_patch_start: torch.Tensor  # [P] first patch token of each pack
     pack_patch_count: torch.Tensor  # [P]
     pack_summary_token: torch.Tensor  # [P]
-    pack_slide: torch.Tensor  # [P]
     slide_token_start: torch.Tensor  # [S+1]; the slide's global token is its first
     slide_pack_start: torch.Tensor  # [S+1]
 
