@@ -2,8 +2,9 @@
 # What a lent GPU should check, in two stages that each fit one 10-minute device call:
 #   benchmarks/gpu_check.sh tests   the Triton kernels against the float64 reference (bf16/fp16/fp32, every row of
 #                                   the config table, torch.compile fullgraph, CUDA-graph replay, bitwise determinism
-#                                   of the ordered dq; a hang there shows as rc 124) and alongside them the demo pipeline on CUDA with the triton backend
-#                                   (shorter training than the CPU default); about 4 minutes on one H100;
+#                                   of the ordered dq; a hang there shows as rc 124) and alongside them the demo
+#                                   pipeline on CUDA with the triton backend (shorter training than the CPU default);
+#                                   not yet timed with the v2 kernels;
 #   benchmarks/gpu_check.sh bench   the whole default attention benchmark (sides 63 96 192 321 447, every contender,
 #                                   flex's compile caches pre-warmed in parallel), then the slide encoder's
 #                                   throughput, triton against portable, each alone on the GPU; not yet timed on a GPU

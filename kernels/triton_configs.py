@@ -59,7 +59,7 @@ class Knob(NamedTuple):
 
 
 # What tuning tries, one knob at a time from the table's row (coordinate descent):
-# the candidates of the v1 autotune lists, now per part of the fused launches, and the split size.
+# tile sizes, warps and stages per part of the fused launches, and the backward's dq mode.
 KNOBS = (
     Knob("fwd", ("SUMMARY_BLOCK_M", "SUMMARY_BLOCK_N"), ((64, 64), (128, 64), (128, 128), (64, 32), (128, 32))),
     Knob("fwd", ("PATCH_BLOCK_M",), ((32,), (16,), (64,))),
@@ -113,7 +113,8 @@ def check_rows(rows: list, where: str) -> tuple[dict, ...]:
                 v in (0, 1) if p == "DQ_ORDERED" else v > 0 and (p == "num_stages" or v & (v - 1) == 0)))}
             if bad or params.get("PATCH_BLOCK_M", 16) < 16:
                 raise ValueError(f"{name}: {launch} {bad or params}: block sizes, PATCH_ITERS and num_warps must "
-                                 "be powers of two, num_stages a positive int, DQ_ORDERED 0 or 1, PATCH_BLOCK_M at least 16 (a pack of 4x4 patches)")
+                                 "be powers of two, num_stages a positive int, DQ_ORDERED 0 or 1, PATCH_BLOCK_M "
+                                 "at least 16 (a pack of 4x4 patches)")
         complete = complete or (all(row[f] == ANY for f in FIELDS)
                                 and all(set(row["configs"].get(l, ())) == set(p) for l, p in PARAMS.items()))
     if not complete:

@@ -96,7 +96,8 @@ def table_configs() -> dict:
     for row in configs.table():
         if ON_GPU and row["arch"] not in (configs.ANY, "interpret", here):
             continue
-        most = 128 if not ON_GPU or row["arch"] == "interpret" else 64 if row["head_dim"] == configs.ANY else row["head_dim"]
+        most = (128 if not ON_GPU or row["arch"] == "interpret" else
+                64 if row["head_dim"] == configs.ANY else row["head_dim"])
         out.setdefault(json.dumps(resolved(row), sort_keys=True), ("-".join(str(row[f]) for f in configs.FIELDS), most))
     return {name: (json.loads(cfg), most) for cfg, (name, most) in out.items()}
 
@@ -565,7 +566,8 @@ print("compiled kernels", compiled, "rows", len(rows))
 @pytest.mark.skipif(ON_GPU, reason="the GPU tests compile the kernels for real")
 def test_kernels_compile_for_the_gpu_rows():
     """Every GPU row fits its arch's shared memory; the sm_90 row at head_dim 64 in fp16 (the benchmark's) spills no
-    registers under PAPER and at most 128 bytes under global_to_all's extra terms (the other rows' spills are printed)."""
+    registers under PAPER and at most 128 bytes under global_to_all's extra terms (the other rows' spills are
+    printed)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPU], env=env, capture_output=True, text=True,
                             timeout=1800)
